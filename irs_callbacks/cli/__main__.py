@@ -1,0 +1,5 @@
+import sys
+
+from irs_callbacks.cli import main
+
+sys.exit(main())
