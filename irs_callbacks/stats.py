@@ -1,0 +1,539 @@
+"""Coupon-collector statistics of the Image Retrieval Score (IRS paper, Sec. 3.1-3.3, appendix 6).
+
+Notation (``SPEC.md``): ``N`` = ``n_train`` training images, ``n`` = ``n_samples`` synthetic
+samples, ``k`` = ``n_learned`` distinct training images retrieved by them, ``s`` = number of
+training images the model can produce (its "potential diversity"). Under the urn model every one
+of the ``s`` images is equally likely, and the number ``K`` of distinct images after ``n`` draws has
+
+    P(K = k | n, s) = S2(n, k) * s! / ((s - k)! * s^n)                          (Eq. 5)
+
+with S2 the Stirling numbers of the second kind. Everything here works in natural-log space, is
+exact for ``n <= EXACT_STIRLING_MAX_N`` (Stirling recurrence) and uses Temme's uniform asymptotic
+(Eq. 6) beyond, whose relative error is below 0.066/n. Fractions (``estimate``, ``lower``,
+``upper``, ``target_irs``, ``real_irs``) are fractions of ``n_train``; counts are plain ints.
+
+This module needs numpy and scipy.special only: importing it must not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+from scipy.special import gammaln
+
+__all__ = [
+    "EXACT_STIRLING_MAX_N",
+    "expected_irs",
+    "log_stirling2",
+    "log_pmf_distinct",
+    "IRSEstimate",
+    "irs_infinity",
+    "adjusted_irs",
+    "rejection_threshold",
+    "Decision",
+    "SequentialRejectionTest",
+]
+
+#: Largest ``n`` for which log S2(n, k) comes from the exact recurrence (a cached table).
+EXACT_STIRLING_MAX_N = 1000
+
+# Half-width of the summation window around the mean of K, in standard deviations (+ a margin):
+# the occupancy distribution has sub-Gaussian tails, so the mass left out is below 1e-40.
+_WINDOW_SIGMAS = 15.0
+_WINDOW_MARGIN = 25
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _count(value, name: str, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum``, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _probability(value, name: str) -> float:
+    """``value`` as a float in the open interval (0, 1), or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
+    return float(value)
+
+
+def _fraction(value, name: str) -> float:
+    """``value`` as a float in (0, 1], or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- Eq. 2
+
+
+def expected_irs(n_samples, n_train) -> float:
+    """Ideal IRS_alpha after ``n_samples`` draws when all ``n_train`` images are equally likely.
+
+    Eq. 2: ``1 - (1 - 1/N)^n``, a fraction of ``n_train``.
+    """
+    n = _count(n_samples, "n_samples")
+    big_n = _count(n_train, "n_train", 1)
+    return float(-math.expm1(n * math.log1p(-1.0 / big_n))) if big_n > 1 else float(n > 0)
+
+
+# --------------------------------------------------------------------------- Stirling numbers
+
+
+_exact_rows: list[np.ndarray] = [np.zeros(1)]  # row n holds log S2(n, k) for k = 0..n
+
+
+def _exact_log_stirling2_row(n: int) -> np.ndarray:
+    """log S2(n, k), k = 0..n, from the recurrence S2(n, k) = k S2(n-1, k) + S2(n-1, k-1)."""
+    while len(_exact_rows) <= n:
+        m = len(_exact_rows)
+        prev = _exact_rows[-1]
+        row = np.full(m + 1, -np.inf)
+        ks = np.arange(1, m)
+        row[1:m] = np.logaddexp(np.log(ks) + prev[1:m], prev[0 : m - 1])
+        row[m] = 0.0
+        _exact_rows.append(row)
+    return _exact_rows[n]
+
+
+def _solve_temme_y(t: np.ndarray) -> np.ndarray:
+    """y = 1 - G where G in (0, 1) solves G = v exp(G - v), v = 1 + t > 1 (Temme's saddle point).
+
+    Equivalently G - ln G = v - ln v. Near v = 1 we solve for y (a series start, then Newton on
+    h(y) = -y - ln(1 - y) = t - ln(1 + t)); for larger v for u = ln G (Newton on e^u - u = v - ln v,
+    monotone from u = -(v - ln v)). Both avoid the cancellation of the branch point at v = 1.
+    """
+    y = np.empty_like(t)
+    near = t < 0.75
+    if near.any():
+        tn = t[near]
+        # c1 = t - ln(1 + t), by its series where the subtraction would cancel
+        c1 = np.where(
+            tn < 1e-2,
+            tn**2 / 2 - tn**3 / 3 + tn**4 / 4 - tn**5 / 5 + tn**6 / 6 - tn**7 / 7,
+            tn - np.log1p(tn),
+        )
+        yn = tn - 2 / 3 * tn**2 + 4 / 9 * tn**3 - 44 / 135 * tn**4  # series of 1 - G in t
+        for _ in range(6):
+            h = np.where(
+                yn < 1e-2,
+                yn**2 / 2 + yn**3 / 3 + yn**4 / 4 + yn**5 / 5 + yn**6 / 6 + yn**7 / 7,
+                -yn - np.log1p(-yn),
+            )
+            yn = yn - (h - c1) * (1.0 - yn) / yn
+            yn = np.clip(yn, np.finfo(float).tiny, 1.0 - 1e-16)
+        y[near] = yn
+    far = ~near
+    if far.any():
+        v = 1.0 + t[far]
+        c = v - np.log(v)
+        u = -c
+        for _ in range(8):
+            u = u - (np.exp(u) - u - c) / (np.exp(u) - 1.0)
+        y[far] = -np.expm1(u)
+    return y
+
+
+def _log_binomial(n: int, k: np.ndarray) -> np.ndarray:
+    return gammaln(n + 1.0) - gammaln(k + 1.0) - gammaln(n - k + 1.0)
+
+
+def _temme_log_stirling2(n: int, k: np.ndarray) -> np.ndarray:
+    """Temme's asymptotic (Eq. 6) in log space for 1 <= k <= n, exact at k in {1, 2, n-1, n}."""
+    k = k.astype(float)
+    out = np.empty_like(k)
+    interior = (k >= 3) & (k <= n - 2)
+    if interior.any():
+        ki = k[interior]
+        t = (n - ki) / ki  # v - 1 with v = n / k
+        y = _solve_temme_y(t)  # 1 - G
+        out[interior] = (
+            0.5 * (np.log(t) - np.log1p(t) - np.log(y))  # sqrt((v - 1) / (v (1 - G)))
+            + (n - ki) * (np.log(t) - np.log(t + y))  # ((v - 1) / (v - G))^(n - k)
+            + n * np.log(ki)
+            - ki * math.log(n)  # k^n / n^k
+            + ki * y  # e^(k (1 - G))
+            + _log_binomial(n, ki)
+        )
+    out[(k == 1) | (k == n)] = 0.0
+    two = (k == 2) & (n > 2)
+    out[two] = (n - 1) * math.log(2.0) + math.log1p(-(2.0 ** -(n - 1)))  # 2^(n-1) - 1
+    below = (k == n - 1) & (n > 2)
+    out[below] = math.log(n * (n - 1) / 2)  # C(n, 2)
+    return out
+
+
+def log_stirling2(n, k):
+    """Natural log of the Stirling number of the second kind S2(n, k), vectorised over ``k``.
+
+    Exact (recurrence) for ``n <= EXACT_STIRLING_MAX_N``, Temme's asymptotic (Eq. 6) beyond, with
+    the closed forms at k = 1, 2, n - 1, n. Returns ``-inf`` where S2(n, k) = 0 (k > n, or k = 0 < n);
+    a float for a scalar ``k``, else an array of ``k``'s shape.
+    """
+    n = _count(n, "n")
+    k_arr = np.asarray(k)
+    if k_arr.size and (k_arr.dtype.kind not in "iu" and not np.all(np.mod(k_arr, 1) == 0)):
+        raise ValueError(f"k must hold non-negative integers, got {k!r}")
+    k_arr = k_arr.astype(np.int64)
+    if k_arr.size and k_arr.min() < 0:
+        raise ValueError(f"k must hold non-negative integers, got minimum {k_arr.min()}")
+    out = np.full(k_arr.shape, -np.inf)
+    valid = (k_arr <= n) & ((k_arr >= 1) | (n == 0))
+    if n <= EXACT_STIRLING_MAX_N:
+        out[valid] = _exact_log_stirling2_row(n)[k_arr[valid]]
+    else:
+        out[valid] = _temme_log_stirling2(n, k_arr[valid])
+    return float(out) if np.ndim(k) == 0 else out
+
+
+class _LogStirlingSegment:
+    """log S2(n, k) over a contiguous, growing range of k, computed only once per k."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.lo = self.hi = 0  # cached range [lo, hi)
+        self.values = np.empty(0)
+
+    def get(self, lo: int, hi: int) -> np.ndarray:
+        """log S2(n, k) for k in [lo, hi)."""
+        if hi <= lo:
+            return np.empty(0)
+        if self.hi <= self.lo:
+            self.lo, self.hi = lo, hi
+            self.values = log_stirling2(self.n, np.arange(lo, hi))
+        else:
+            if lo < self.lo:
+                self.values = np.concatenate([log_stirling2(self.n, np.arange(lo, self.lo)), self.values])
+                self.lo = lo
+            if hi > self.hi:
+                self.values = np.concatenate([self.values, log_stirling2(self.n, np.arange(self.hi, hi))])
+                self.hi = hi
+        return self.values[lo - self.lo : hi - self.lo]
+
+
+# --------------------------------------------------------------------------- Eq. 5
+
+
+def _log_falling(s, k):
+    """log(s! / (s - k)!) for real s >= 0; -inf where the falling factorial vanishes (k > s)."""
+    s = np.asarray(s, dtype=float)
+    k = np.asarray(k, dtype=float)
+    arg = s - k + 1.0
+    with np.errstate(invalid="ignore"):
+        out = gammaln(s + 1.0) - gammaln(np.where(arg > 0, arg, 1.0))
+    return np.where(arg > 0, out, -np.inf)
+
+
+def log_pmf_distinct(k, n_samples, s):
+    """log P(K = k | n, s), Eq. 5: ``k`` distinct values after ``n_samples`` uniform draws from ``s``.
+
+    Vectorised over ``k`` and ``s`` (broadcast together). ``s`` may be real (>= 1): the falling
+    factorial is taken through the gamma function. Returns ``-inf`` for impossible ``k``.
+    """
+    n = _count(n_samples, "n_samples")
+    s_arr = np.asarray(s, dtype=float)
+    if s_arr.size and (not np.all(np.isfinite(s_arr)) or s_arr.min() < 1):
+        raise ValueError(f"s must be >= 1, got {s!r}")
+    log_s2 = log_stirling2(n, k)
+    with np.errstate(invalid="ignore"):
+        out = log_s2 + _log_falling(s_arr, np.asarray(k, dtype=float)) - n * np.log(s_arr)
+    out = np.where(np.isfinite(log_s2), out, -np.inf)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def _mean_sd_distinct(n: int, s: float) -> tuple[float, float]:
+    """Mean and standard deviation of K after n uniform draws from s values."""
+    a = math.exp(n * math.log1p(-1.0 / s)) if s > 1 else 0.0  # (1 - 1/s)^n
+    b = math.exp(n * math.log1p(-2.0 / s)) if s > 2 else 0.0  # (1 - 2/s)^n
+    mean = s * -math.expm1(n * math.log1p(-1.0 / s)) if s > 1 else 1.0
+    var = s * (s - 1) * b + s * a - (s * a) ** 2
+    return mean, math.sqrt(max(var, 0.0))
+
+
+class _Occupancy:
+    """Tail probabilities of K for one sample size ``n``, for any s, sharing one Stirling segment."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.stirling = _LogStirlingSegment(n)
+
+    def _window(self, s: float) -> tuple[int, int]:
+        mean, sd = _mean_sd_distinct(self.n, s)
+        half = _WINDOW_SIGMAS * sd + _WINDOW_MARGIN
+        top = min(self.n, math.floor(s) + 1 if s != math.floor(s) else int(s))
+        return max(1, math.floor(mean - half)), min(top, math.ceil(mean + half))
+
+    def log_pmf(self, lo: int, hi: int, s: float) -> np.ndarray:
+        """log P(K = k | n, s) for k in [lo, hi]."""
+        ks = np.arange(lo, hi + 1, dtype=float)
+        return self.stirling.get(lo, hi + 1) + _log_falling(s, ks) - self.n * math.log(s)
+
+    def log_sf(self, k: int, s: float) -> float:
+        """log P(K >= k | n, s)."""
+        lo, hi = self._window(s)
+        lo = max(lo, k)
+        if lo > hi:
+            return -np.inf if k > hi else 0.0
+        return float(np.logaddexp.reduce(self.log_pmf(lo, hi, s)))
+
+    def log_cdf(self, k: int, s: float) -> float:
+        """log P(K <= k | n, s)."""
+        lo, hi = self._window(s)
+        hi = min(hi, k)
+        if lo > hi:
+            return -np.inf if k < lo else 0.0
+        return float(np.logaddexp.reduce(self.log_pmf(lo, hi, s)))
+
+    def quantile_below(self, s: float, alpha: float) -> int:
+        """Largest k with P(K <= k | n, s) < alpha (0 if there is none)."""
+        lo, hi = self._window(s)
+        log_cdf = np.logaddexp.accumulate(self.log_pmf(lo, hi, s))
+        below = np.flatnonzero(log_cdf < math.log(alpha))
+        return lo + int(below[-1]) if below.size else 0
+
+
+# --------------------------------------------------------------------------- Eqs. 7-9
+
+
+@dataclass(frozen=True)
+class IRSEstimate:
+    """IRS_inf (Eq. 7) with its confidence interval (Eqs. 8-9, SPEC.md conventions).
+
+    ``estimate``, ``lower`` and ``upper`` are fractions of ``n_train``; ``s_hat``, ``s_lower`` and
+    ``s_upper`` the same as image counts. The interval bounds are each one-sided at ``alpha_e``.
+    """
+
+    estimate: float
+    lower: float
+    upper: float
+    s_hat: int
+    s_lower: int
+    s_upper: int
+    n_learned: int
+    n_samples: int
+    n_train: int
+    alpha_e: float
+
+    @property
+    def irs_alpha(self) -> float:
+        """IRS_alpha = n_learned / n_train (Eq. 4), at alpha = n_samples / n_train."""
+        return self.n_learned / self.n_train
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "irs_alpha": self.irs_alpha}
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.2%} [{self.lower:.2%}, {self.upper:.2%}]"
+
+
+def _first_true(predicate, lo: int, hi: int) -> int:
+    """Smallest integer x in [lo, hi] with predicate(x), for a predicate monotone False -> True;
+    hi + 1 if there is none."""
+    if not predicate(hi):
+        return hi + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if predicate(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def irs_infinity(n_learned, n_samples, n_train, alpha_e=0.05) -> IRSEstimate:
+    """Maximum-likelihood potential diversity IRS_inf with its confidence interval.
+
+    Estimate (Eq. 7): ``argmax_{s in [k, N]} P(K = k | n, s) / N``, ties toward the larger s (the
+    likelihood is flat only for k = n = 1). Lower bound: the smallest s with
+    ``P(K >= k | n, s) > alpha_e``; upper bound: the largest s <= N with ``P(K <= k | n, s) > alpha_e``
+    (SPEC.md). If even s = N makes k implausibly large, all three are N.
+    """
+    n = _count(n_samples, "n_samples", 1)
+    big_n = _count(n_train, "n_train", 1)
+    k = _count(n_learned, "n_learned", 1)
+    alpha = _probability(alpha_e, "alpha_e")
+    if k > n:
+        raise ValueError(f"n_learned ({k}) cannot exceed n_samples ({n})")
+    if k > big_n:
+        raise ValueError(f"n_learned ({k}) cannot exceed n_train ({big_n})")
+
+    # MLE: log P(s + 1) - log P(s) = -ln(1 - k/(s+1)) - n ln(1 + 1/s) decreases in s.
+    if k == n or k == big_n:
+        s_hat = big_n  # k = n: P(s) = prod_{i<n} (1 - i/s) increases in s; k = N: s = N is all there is
+    else:
+        s_hat = _first_true(lambda s: -math.log1p(-k / (s + 1)) - n * math.log1p(1.0 / s) < 0, k, big_n - 1)
+
+    occupancy = _Occupancy(n)
+    log_alpha = math.log(alpha)
+    # P(K >= k | s) grows with s: first s where it exceeds alpha.
+    s_lower = _first_true(lambda s: occupancy.log_sf(k, s) > log_alpha, k, big_n)
+    if s_lower > big_n:  # k too large even for s = N (more distinct images than chance allows)
+        s_lower = s_hat = s_upper = big_n
+    else:
+        # P(K <= k | s) falls with s: last s where it still exceeds alpha (s = k always does).
+        s_upper = _first_true(lambda s: occupancy.log_cdf(k, s) <= log_alpha, k, big_n) - 1
+    # The interval contains the MLE except for discreteness at the edges; keep the order.
+    s_lower, s_upper = min(s_lower, s_hat), max(s_upper, s_hat)
+    return IRSEstimate(
+        estimate=s_hat / big_n,
+        lower=s_lower / big_n,
+        upper=s_upper / big_n,
+        s_hat=s_hat,
+        s_lower=s_lower,
+        s_upper=s_upper,
+        n_learned=k,
+        n_samples=n,
+        n_train=big_n,
+        alpha_e=alpha,
+    )
+
+
+def adjusted_irs(synthetic, real) -> float:
+    """IRS_inf,a = IRS_inf(synthetic) / IRS_inf(real) (Sec. 3.4); may exceed 1.
+
+    Each argument is an :class:`IRSEstimate` or a fraction of n_train. ``real`` is the same
+    measurement for held-out real images against the training set (same extractor and distance).
+    """
+
+    def value(x, name):
+        x = x.estimate if isinstance(x, IRSEstimate) else x
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 <= float(x) <= 1.0:
+            raise ValueError(f"{name} must be an IRSEstimate or a fraction in [0, 1], got {x!r}")
+        return float(x)
+
+    syn, ref = value(synthetic, "synthetic"), value(real, "real")
+    if ref == 0.0:
+        raise ValueError("real must be > 0: the real-data reference retrieved nothing")
+    return syn / ref
+
+
+# --------------------------------------------------------------------------- Eq. 10
+
+
+def _target_diversity(n_train, target_irs, real_irs) -> tuple[int, float]:
+    """(N, s_d) with s_d = target_irs * real_irs * N (SPEC.md: the target is relative to real data)."""
+    big_n = _count(n_train, "n_train", 1)
+    target = _fraction(target_irs, "target_irs")
+    scale = 1.0 if real_irs is None else _fraction(real_irs, "real_irs")
+    s_d = target * scale * big_n
+    if s_d < 1:
+        raise ValueError(
+            f"target_irs * real_irs * n_train must be >= 1 image, got {s_d:.3g}"
+            f" (target_irs={target}, real_irs={real_irs}, n_train={big_n})"
+        )
+    return big_n, s_d
+
+
+def rejection_threshold(n_train, target_irs, n_samples, alpha_e=0.05, *, real_irs=None) -> int:
+    """k_min of Eq. 10: the largest k with ``P(K <= k | n, s_d) < alpha_e``, s_d = target * N.
+
+    A checkpoint is rejected iff ``n_learned <= k_min``; a model that truly produces ``s_d``
+    images is then wrongly rejected with probability below ``alpha_e``. With ``real_irs`` (the
+    IRS_inf of held-out real data) the target is on the adjusted scale: s_d = target * real * N.
+    Returns 0 when no count is rare enough at this budget (nothing can be rejected).
+    """
+    _, s_d = _target_diversity(n_train, target_irs, real_irs)
+    n = _count(n_samples, "n_samples", 1)
+    alpha = _probability(alpha_e, "alpha_e")
+    return _Occupancy(n).quantile_below(s_d, alpha)
+
+
+# --------------------------------------------------------------------------- sequential decision
+
+
+class Decision(NamedTuple):
+    """Outcome of one look: ``verdict`` is "reject", "pass" or "continue"; ``rule`` says why:
+    "deterministic" (already certain), "interim" (statistical early look), "final" (budget spent)
+    or None (continue)."""
+
+    verdict: str
+    rule: str | None
+
+
+class SequentialRejectionTest:
+    """Reject / pass / continue while a budget of samples is drawn in batches (Eq. 10 + early looks).
+
+    Built once before an evaluation. H0: the model produces ``s_d = target_irs * real_irs * N``
+    images uniformly. Three rules, all deciding on (samples drawn m, N_learned so far K_m):
+
+    - *deterministic* (SPEC.md): N_learned can grow by at most the samples still to draw, so
+      ``K_m + (budget - m) <= k_min`` already means "reject" and ``K_m > k_min`` means "pass";
+      both equal the final verdict, so they cost no error.
+    - *interim*: at looks m_1 < ... < m_L (every ``look_every`` samples, at most ``max_looks``,
+      spread evenly) reject if ``K_m <= c_j`` with ``c_j`` the largest c such that
+      ``P(K_{m_j} <= c | s_d) < interim_alpha / L``. K only grows, so checking the latest look
+      m_j <= m is valid between looks too.
+    - *final*: at the end, reject iff ``K_budget <= k_min`` with k_min taken at
+      ``alpha_e - interim_alpha``.
+
+    Overall error (Bonferroni over the looks): P(reject | H0) <= (alpha_e - interim_alpha)
+    + L * interim_alpha / L = alpha_e, for any batch schedule. ``interim_alpha=0`` disables the
+    statistical looks, and ``k_min`` is then exactly Eq. 10 at ``alpha_e``.
+    """
+
+    def __init__(
+        self,
+        n_train,
+        target_irs,
+        budget,
+        alpha_e=0.05,
+        *,
+        real_irs=None,
+        look_every=None,
+        interim_alpha=None,
+        max_looks: int = 32,
+    ):
+        self.n_train, self.s_d = _target_diversity(n_train, target_irs, real_irs)
+        self.target_irs = float(target_irs)
+        self.real_irs = None if real_irs is None else float(real_irs)
+        self.budget = _count(budget, "budget", 1)
+        self.alpha_e = _probability(alpha_e, "alpha_e")
+        self.interim_alpha = self.alpha_e / 5 if interim_alpha is None else float(interim_alpha)
+        if not 0.0 <= self.interim_alpha < self.alpha_e:
+            raise ValueError(f"interim_alpha must be in [0, alpha_e), got {interim_alpha!r}")
+        max_looks = _count(max_looks, "max_looks", 1)
+        step = self.budget // (max_looks + 1) if look_every is None else _count(look_every, "look_every", 1)
+        looks = np.arange(max(step, 1), self.budget, max(step, 1))
+        if looks.size > max_looks:  # keep max_looks of them, evenly spread, the last one included
+            looks = looks[np.linspace(0, looks.size - 1, max_looks).round().astype(int)]
+        looks = np.unique(looks) if self.interim_alpha > 0 else np.empty(0, dtype=int)
+
+        self.k_min = _Occupancy(self.budget).quantile_below(self.s_d, self.alpha_e - self.interim_alpha)
+        per_look = self.interim_alpha / max(len(looks), 1)
+        #: (samples drawn m_j, interim threshold c_j): reject at a look if N_learned <= c_j.
+        self.looks = [(int(m), _Occupancy(int(m)).quantile_below(self.s_d, per_look)) for m in looks]
+
+    def decide(self, n_drawn, n_learned) -> Decision:
+        """Verdict after ``n_drawn`` samples (invalid ones included) with ``n_learned`` retrieved."""
+        m = _count(n_drawn, "n_drawn")
+        k = _count(n_learned, "n_learned")
+        if k > m:
+            raise ValueError(f"n_learned ({k}) cannot exceed n_drawn ({m})")
+        if m >= self.budget:
+            return Decision("reject", "final") if k <= self.k_min else Decision("pass", "final")
+        if k + (self.budget - m) <= self.k_min:
+            return Decision("reject", "deterministic")
+        if k > self.k_min:
+            return Decision("pass", "deterministic")
+        interim = [c for look, c in self.looks if look <= m]
+        if interim and k <= interim[-1]:
+            return Decision("reject", "interim")
+        return Decision("continue", None)
+
+    def __repr__(self) -> str:
+        return (
+            f"SequentialRejectionTest(n_train={self.n_train}, s_d={self.s_d:.1f}, budget={self.budget}, "
+            f"alpha_e={self.alpha_e}, interim_alpha={self.interim_alpha}, k_min={self.k_min}, looks={len(self.looks)})"
+        )
