@@ -29,9 +29,12 @@ _LAZY = {
     "get_extractor": "features",
     "list_extractors": "features",
     "register_extractor": "features",
+    "extract_features": "features",
+    "FeatureExtractor": "features",
     "FeatureBank": "retrieval",
     "LearnedSet": "retrieval",
     "ReferenceBank": "reference",
+    "RetrievalScore": "reference",
     # monitor
     "IRSMonitor": "monitor",
 }

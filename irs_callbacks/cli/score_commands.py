@@ -1,0 +1,275 @@
+"""``irs reference build|info`` and ``irs score``: IRS of image folders/arrays from the command line.
+
+Heavy imports (torch, timm) happen inside the handlers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+METRICS = ("irs", "fid", "kid", "prdc", "vendi")
+VALUE_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
+
+
+def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference-set", metavar="REAL", default=None,
+                        help="held-out real images (not in TRAIN) for IRS_inf,real; default: the paper's split "
+                             "of TRAIN (half of it queried against the other half)")
+    parser.add_argument("--extractor", default=None,
+                        help="feature extractor name (default: random-inception, or the one of a saved bank); "
+                             "see `irs reference list`")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="local weights file (.pth/.pt/.safetensors) instead of downloading")
+    parser.add_argument("--input-size", type=int, default=None, metavar="PX",
+                        help="resize images to PX x PX for the extractor (default: its own, 299 for Inception)")
+    parser.add_argument("--distance", choices=("euclidean", "cosine"), default=None,
+                        help="retrieval distance (default: euclidean, or the one of a saved bank)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--value-range", choices=tuple(VALUE_RANGES), default="0,1", metavar="LOW,HIGH",
+                        help="range of float images in .npy/.npz arrays: 0,1 (default) or -1,1 (uint8 is always 0..255)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split of TRAIN for IRS_inf,real (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    reference = subparsers.add_parser(
+        "reference", help="build or inspect a reference bank (training features + real-data IRS)",
+        description="Reference banks hold the training-set features and the real-data measurement IRS_inf,real.")
+    commands = reference.add_subparsers(dest="reference_command", metavar="ACTION")
+    build = commands.add_parser("build", help="extract training features and save a reference bank",
+                                description="Extract features of TRAIN (image folder or .npy/.npz), measure "
+                                            "IRS_inf,real and save everything to one .safetensors file.")
+    build.add_argument("train", metavar="TRAIN", help="training images: a folder (png/jpg/jpeg/webp) or .npy/.npz")
+    build.add_argument("--out", required=True, metavar="PATH", help="output file (.safetensors)")
+    _add_extraction_args(build)
+    build.set_defaults(handler=_build)
+    info = commands.add_parser("info", help="print the metadata of a saved reference bank")
+    info.add_argument("bank", metavar="PATH")
+    info.set_defaults(handler=_info)
+    listing = commands.add_parser("list", help="list the built-in feature extractors")
+    listing.set_defaults(handler=_list)
+    reference.set_defaults(handler=lambda args: _usage(reference))
+
+    score = subparsers.add_parser(
+        "score", help="IRS of generated images against the training set",
+        description="Print IRS_alpha, IRS_inf with its interval, the adjusted score IRS_inf,a, N_learned, "
+                    "the number of samples and of invalid (NaN/Inf) samples, and duplicate training features.")
+    score.add_argument("train", metavar="TRAIN",
+                       help="training images (folder or .npy/.npz) or a saved reference bank (.safetensors)")
+    score.add_argument("samples", metavar="SAMPLES", help="generated images (folder or .npy/.npz)")
+    _add_extraction_args(score)
+    score.add_argument("--json", metavar="FILE", default=None, help="also write all results as JSON ('-' = stdout)")
+    score.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="reuse/keep the reference bank of TRAIN here (keyed by image contents and extractor)")
+    score.add_argument("--metrics", default="irs",
+                       help=f"comma-separated metrics among {','.join(METRICS)} (default irs; others need "
+                            "irs_callbacks.metrics)")
+    score.set_defaults(handler=_score)
+
+
+def _usage(parser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _list(args) -> int:
+    from irs_callbacks.features import ALIASES, BUILTIN_SPECS, DEFAULT_EXTRACTOR, list_extractors
+
+    aliases = {v: k for k, v in ALIASES.items()}
+    for name in list_extractors():
+        spec = BUILTIN_SPECS.get(name)
+        weights = "random init" if spec and spec.random_init else (spec.url if spec and spec.url else "pretrained")
+        extra = f"timm {spec.timm_name} ({weights}), {spec.input_size} px" if spec else "registered"
+        default = "  (default)" if name == DEFAULT_EXTRACTOR else ""
+        print(f"{name:18s} alias {aliases.get(name, '-'):9s} {extra}{default}")
+    return 0
+
+
+def _make_extractor(args, saved: dict | None = None):
+    """Extractor from the command line, falling back on a saved bank's identity."""
+    from irs_callbacks.features import DEFAULT_EXTRACTOR, WeightsUnavailableError, get_extractor
+
+    saved = saved or {}
+    name = args.extractor or saved.get("name") or DEFAULT_EXTRACTOR
+    if str(name).startswith("custom:"):
+        raise ValueError(f"the bank was built with a custom extractor ({name}); score it from Python with the same "
+                         "module (ReferenceBank.score)")
+    options = {}
+    if args.input_size is not None:
+        options["input_size"] = args.input_size
+    elif saved.get("input_size") and (args.extractor is None or args.extractor == saved.get("name")):
+        options["input_size"] = tuple(saved["input_size"])
+    if args.weights is None and str(saved.get("weights", "")).startswith("random-init(") and name != "random-inception":
+        options["pretrained"] = False
+    if str(saved.get("weights", "")).startswith("file:") and args.weights is None:
+        raise ValueError(f"the bank was built with local weights {saved['weights'][5:]!r}; pass --weights PATH")
+    try:
+        return get_extractor(name, weights=args.weights, device=args.device, **options)
+    except WeightsUnavailableError as error:
+        raise ValueError(str(error)) from None
+
+
+def _check_positive(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.input_size is not None and args.input_size < 1:
+        raise ValueError(f"--input-size must be >= 1, got {args.input_size}")
+
+
+def _build(args) -> int:
+    from irs_callbacks.reference import ReferenceBank
+
+    _check_positive(args)
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    started = time.perf_counter()
+    extractor = _make_extractor(args)
+    bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
+                               distance=args.distance or "euclidean", batch_size=args.batch_size,
+                               device=args.device, seed=args.seed, value_range=VALUE_RANGES[args.value_range],
+                               progress=not args.no_progress)
+    path = bank.save(args.out)
+    print(f"saved {path}: {_bank_line(bank)} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _bank_line(bank) -> str:
+    meta, real = bank.metadata, bank.real
+    how = meta.get("real_measurement") or {}
+    real_text = "none" if real is None else f"{real} ({_real_how(how)})"
+    return (f"N = {bank.n_train}, d = {bank.dim}, extractor {bank.extractor_identity.get('name')} "
+            f"{_size_text(bank.extractor_identity)}, {bank.distance}, duplicate training features "
+            f"{bank.duplicate_count}, IRS_inf,real {real_text}")
+
+
+def _size_text(identity) -> str:
+    size = identity.get("input_size")
+    return f"@ {size[0]}x{size[1]}" if size else ""
+
+
+def _real_how(how: dict) -> str:
+    if how.get("method") == "split":
+        return f"split of TRAIN: {how['n_queries']} queries vs {how['n_bank']}, seed {how['seed']}"
+    return f"held-out reference set, {how.get('n_queries')} images"
+
+
+def _info(args) -> int:
+    from irs_callbacks.reference import ReferenceBank
+
+    print(json.dumps(ReferenceBank.read_metadata(args.bank), indent=2))
+    return 0
+
+
+def _parse_metrics(text: str) -> list[str]:
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"--metrics takes a comma-separated list of {', '.join(METRICS)}; got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _score(args) -> int:
+    import os
+
+    import torch
+
+    from irs_callbacks.features import extract_features
+    from irs_callbacks.reference import ReferenceBank
+
+    from irs_callbacks.image_io import iter_image_batches
+
+    _check_positive(args)
+    metrics = _parse_metrics(args.metrics)
+    iter_image_batches(args.samples)  # fail early on a missing/empty SAMPLES, before the expensive TRAIN
+    timings, started = {}, time.perf_counter()
+    value_range = VALUE_RANGES[args.value_range]
+    if args.train.endswith(".safetensors") and os.path.isfile(args.train):
+        if args.reference_set is not None:
+            raise ValueError("--reference-set cannot change a saved reference bank; rebuild it with "
+                             "`irs reference build TRAIN --reference-set REAL --out PATH`")
+        saved = ReferenceBank.read_metadata(args.train)
+        extractor = _make_extractor(args, saved.get("extractor"))
+        expect = {"extractor": extractor.identity}
+        if args.distance is not None:
+            expect["distance"] = args.distance
+        bank = ReferenceBank.load(args.train, expect=expect)
+    else:
+        extractor = _make_extractor(args)
+        bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
+                                   distance=args.distance or "euclidean", batch_size=args.batch_size,
+                                   device=args.device, cache_dir=args.cache_dir, seed=args.seed,
+                                   value_range=value_range, progress=not args.no_progress)
+    timings["reference_s"] = round(time.perf_counter() - started, 3)
+
+    t = time.perf_counter()
+    sample_features = extract_features(extractor, args.samples, batch_size=args.batch_size,
+                                       value_range=value_range, progress=not args.no_progress)
+    timings["samples_s"] = round(time.perf_counter() - t, 3)
+    if sample_features.shape[1] != bank.dim:
+        raise ValueError(f"sample features have dimension {sample_features.shape[1]}, the bank {bank.dim}")
+    result = bank.score(sample_features, device=args.device or extractor.device)
+
+    extra = {}
+    others = [m for m in metrics if m != "irs"]
+    if others:
+        from irs_callbacks.metrics import compute_metrics
+
+        finite = sample_features[torch.isfinite(sample_features).all(dim=1)]
+        if len(finite) < 2:
+            raise ValueError("fewer than 2 valid (finite) samples: cannot compute " + ", ".join(others))
+        extra = compute_metrics(bank.features, finite, metrics=tuple(others), k=5)
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+
+    _print_score(result, bank, extra, timings)
+    if args.json:
+        payload = {
+            **result.as_dict(), "metrics": {k: _plain(v) for k, v in extra.items()}, "extractor": bank.extractor_identity,
+            "distance": bank.distance, "train": args.train, "samples": args.samples,
+            "real_measurement": bank.metadata.get("real_measurement"), "timings": timings,
+        }
+        text = json.dumps(payload, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as handle:
+                handle.write(text + "\n")
+    return 0
+
+
+def _plain(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value if isinstance(value, (str, int, list, dict, type(None))) else str(value)
+
+
+def _print_score(result, bank, extra: dict, timings: dict) -> None:
+    ident = bank.extractor_identity
+    print(f"IRS of {result.n_samples} samples against N_train = {result.n_train} training images "
+          f"(extractor {ident.get('name')} {_size_text(ident)}, {bank.distance} distance)")
+    rows = [
+        ("n_samples", f"{result.n_samples}  (alpha = n/N = {result.alpha:.4g})"),
+        ("invalid samples", f"{result.n_invalid}  (NaN/Inf; counted in n_samples, never learned)"),
+        ("N_learned", f"{result.n_learned}"),
+        ("IRS_alpha", f"{result.irs_alpha:.2%}"),
+        ("IRS_inf", "n/a (nothing learned)" if result.irs_inf is None else
+         f"{result.irs_inf}  (ML estimate [lower, upper], one-sided alpha_e = {result.irs_inf.alpha_e:g} each)"),
+    ]
+    how = bank.metadata.get("real_measurement") or {}
+    if result.real is not None:
+        rows.append(("IRS_inf,real", f"{result.real}  ({_real_how(how)})"))
+        rows.append(("IRS_inf,a", f"{result.adjusted:.2%}  (= IRS_inf / IRS_inf,real; may exceed 100%)"))
+    else:
+        rows.append(("IRS_inf,a", "n/a (no real-data measurement in this bank)"))
+    rows.append(("duplicate train features", f"{result.duplicate_count}  (exact duplicates; they cap N_learned)"))
+    for key, value in extra.items():
+        rows.append((key, f"{value:.6g}" if isinstance(value, (int, float)) else str(value)))
+    rows.append(("time", f"reference {timings['reference_s']:.1f} s, samples {timings['samples_s']:.1f} s, "
+                         f"total {timings['total_s']:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")

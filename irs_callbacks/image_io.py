@@ -1,0 +1,237 @@
+"""Reading image collections: folders, .npy/.npz arrays, tensors, Datasets and DataLoaders.
+
+Conventions: images come out as torch tensors in NCHW layout; folder images are decoded to RGB
+``uint8`` [0, 255]; arrays keep their dtype (``uint8`` = [0, 255], float = the caller's
+``value_range``; other integer arrays with values in [0, 255] become ``uint8``). Arrays may be
+(N, H, W) grey, (N, C, H, W) or (N, H, W, C) with C in {1, 3}.
+
+Fingerprints (sha256 hex) identify image *contents* for reference-bank caches: for a folder the
+sorted relative paths and raw file bytes; for arrays/tensors dtype, shape and bytes of the NCHW
+tensor; for Datasets/DataLoaders every image's dtype, shape and bytes in iteration order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "list_image_files",
+    "ImageFolderDataset",
+    "load_image",
+    "load_array",
+    "as_image_tensor",
+    "iter_image_batches",
+    "update_hash",
+    "fingerprint",
+    "describe",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+ARRAY_KEYS = ("images", "x", "arr_0")
+IMAGE_DICT_KEYS = ("image", "images", "img", "pixel_values")
+
+
+def list_image_files(folder) -> list[Path]:
+    """All images (png/jpg/jpeg/webp, any case) below ``folder``, recursively, sorted by relative path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist or is not a directory")
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise ValueError(f"image folder {str(folder)!r} contains no images ({'/'.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def load_image(path) -> torch.Tensor:
+    """One image file -> ``uint8`` tensor [3, H, W] (RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"cannot read image file {str(path)!r}: {error}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images of a folder (recursive, sorted) as ``uint8`` RGB tensors [3, H, W]."""
+
+    def __init__(self, folder):
+        self.root = Path(folder)
+        self.files = list_image_files(folder)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.files[index])
+
+
+def load_array(path) -> torch.Tensor:
+    """Images from a .npy or .npz file (key ``images``, ``x`` or the only array) -> NCHW tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"array file {str(path)!r} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read array file {str(path)!r} (pickled objects are refused): {error}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.keys())
+            key = next((k for k in ARRAY_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{str(path)!r} holds arrays {keys}; store the images under the key 'images'")
+            loaded = loaded[key]
+    return as_image_tensor(loaded, name=str(path))
+
+
+def as_image_tensor(images, *, name: str = "images") -> torch.Tensor:
+    """A stack of images (array or tensor) -> NCHW tensor with 1 or 3 channels (no copy if NCHW)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or ndarray of images, got {type(images).__name__}")
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must have shape (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {{1, 3}}, "
+                         f"got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} contains no images (N = 0)")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be uint8 or floating point, got dtype {x.dtype}")
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        if x.numel() and (x.min() < 0 or x.max() > 255):
+            raise ValueError(f"integer {name} must lie in [0, 255], got values in [{int(x.min())}, {int(x.max())}]")
+        x = x.to(torch.uint8)
+    return x
+
+
+def _image_of_item(item) -> torch.Tensor:
+    """One Dataset item (image, (image, label, ...) or dict) -> image tensor [C, H, W]."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    elif isinstance(item, dict):
+        key = next((k for k in IMAGE_DICT_KEYS if k in item), None)
+        if key is None:
+            raise ValueError(f"dataset items are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(item)}")
+        item = item[key]
+    if not isinstance(item, (torch.Tensor, np.ndarray)):
+        try:  # PIL image
+            item = np.asarray(item.convert("RGB"))
+        except AttributeError:
+            raise TypeError(f"dataset items must be images (tensor, ndarray or PIL), got {type(item).__name__}") from None
+    x = torch.as_tensor(np.ascontiguousarray(item)) if isinstance(item, np.ndarray) else item
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    elif x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(2, 0, 1)
+    return as_image_tensor(x.unsqueeze(0), name="dataset image")[0]
+
+
+def _collate(items):
+    images = [_image_of_item(item) for item in items]
+    if len({(x.shape, x.dtype) for x in images}) == 1:
+        return torch.stack(images)
+    return images
+
+
+def _batch_images(batch):
+    """A DataLoader batch (tensor, (images, labels) or dict) -> NCHW tensor or list of images."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].ndim == 4:
+        batch = batch[0]
+    elif isinstance(batch, dict):
+        key = next((k for k in IMAGE_DICT_KEYS if k in batch), None)
+        if key is None:
+            raise ValueError(f"DataLoader batches are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(batch)}")
+        batch = batch[key]
+    if isinstance(batch, torch.Tensor):
+        return as_image_tensor(batch, name="DataLoader batch")
+    if isinstance(batch, (list, tuple)):
+        return [_image_of_item(item) for item in batch]
+    raise TypeError(f"DataLoader batches must be image tensors, got {type(batch).__name__}")
+
+
+def iter_image_batches(data, *, batch_size: int = 64, num_workers: int = 0):
+    """(iterator over batches, number of images or None). A batch is an NCHW tensor, or a list of
+    [C, H, W] tensors when the images of that batch differ in size."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        data = ImageFolderDataset(path) if path.is_dir() else load_array(path) if path.suffix.lower() in (
+            ".npy", ".npz") else _bad_path(path)
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        x = as_image_tensor(data)
+        return (x[i:i + batch_size] for i in range(0, len(x), batch_size)), len(x)
+    if isinstance(data, DataLoader):
+        try:
+            total = len(data.dataset)
+        except TypeError:
+            total = None
+        return (_batch_images(b) for b in data), total
+    if isinstance(data, Dataset):
+        try:
+            total = len(data)
+        except TypeError:
+            total = None
+        if total == 0:
+            raise ValueError("dataset contains no images")
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
+        return iter(loader), total
+    raise TypeError("images must be an image folder, a .npy/.npz file, a tensor/ndarray, a Dataset or a DataLoader, "
+                    f"got {type(data).__name__}")
+
+
+def _bad_path(path: Path):
+    if not path.exists():
+        raise ValueError(f"{str(path)!r} does not exist")
+    raise ValueError(f"{str(path)!r} is neither an image folder nor a .npy/.npz array file")
+
+
+def update_hash(hasher, batch) -> None:
+    """Feed each image of a batch (tensor or list) into ``hasher``: dtype, shape, bytes."""
+    for image in batch:
+        image = image.detach().cpu().contiguous()
+        hasher.update(f"{image.dtype}:{tuple(image.shape)};".encode())
+        hasher.update(image.reshape(-1).view(torch.uint8).numpy().tobytes() if image.numel() else b"")
+
+
+def fingerprint(data, *, batch_size: int = 256) -> str:
+    """sha256 of the image contents of ``data`` (see the module docstring for what is hashed)."""
+    hasher = hashlib.sha256()
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        root = Path(data)
+        hasher.update(b"folder;")
+        for path in list_image_files(root):
+            hasher.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size};".encode())
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    hasher.update(block)
+        return hasher.hexdigest()
+    if isinstance(data, ImageFolderDataset):
+        return fingerprint(data.root)
+    batches, _ = iter_image_batches(data, batch_size=batch_size)
+    hasher.update(b"images;")
+    for batch in batches:
+        update_hash(hasher, batch)
+    return hasher.hexdigest()
+
+
+def describe(data) -> str:
+    """Short human-readable description of an image source (for metadata and messages)."""
+    if isinstance(data, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(data))
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        return f"{type(data).__name__}{tuple(data.shape)} {data.dtype}"
+    return type(data).__name__

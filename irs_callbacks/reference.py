@@ -1,0 +1,366 @@
+"""Reference banks: training-set features plus the real-data measurement for the adjusted IRS.
+
+A :class:`ReferenceBank` holds the ``[N, d]`` features of the N training images (all of them),
+the extractor identity and distance they were made with, and ``real``: IRS_inf of real images
+that are *not* training images, retrieved against training images with the same extractor and
+distance (the denominator of IRS_inf,a = IRS_inf(synthetic) / IRS_inf(real), paper Sec. 3.4).
+
+How ``real`` is measured (``measure_real``):
+
+- with a held-out real set (``reference=``): its images are the queries, the full training set
+  is the bank (N_train = N);
+- without one, the paper's split (Sec. 4, "Metrics"): the training set is permuted with a
+  ``torch.Generator`` seeded by ``seed``; for N < 100,000 the last ``N // 2`` images of the
+  permutation are the queries and the first ``N - N // 2`` the bank; for N >= 100,000 the last
+  50,000 are the queries and the rest the bank. One split is measured (not averaged over
+  several); IRS_inf is a fraction of the bank half. The stored bank features remain all N
+  training images either way.
+
+Files: one ``.safetensors`` file with tensor ``features`` and the JSON metadata (key
+``irs_reference`` of the safetensors header): format version, library version, extractor
+identity (name, weights and their sha256, input size, preprocessing), distance, value range,
+N, d, sha256 fingerprints of the training (and reference) image contents, the real measurement
+and the number of exact-duplicate training features (duplicates cap N_learned). Nothing is ever
+unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from irs_callbacks import __version__
+from irs_callbacks.features import DEFAULT_EXTRACTOR, check_value_range, extract_features, get_extractor
+from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity
+
+__all__ = ["ReferenceBank", "RetrievalScore", "measure_real", "split_for_real", "FORMAT_VERSION"]
+
+FORMAT = "irs-reference-bank"
+FORMAT_VERSION = 1
+METADATA_KEY = "irs_reference"
+DISTANCES = ("euclidean", "cosine")
+SPLIT_LIMIT, SPLIT_QUERIES_LARGE = 100_000, 50_000
+
+
+def _check_distance(distance) -> str:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    return distance
+
+
+def _check_features(features, name: str) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        try:
+            features = torch.as_tensor(features)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor/array of shape [N, d], got {type(features).__name__}") from None
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [N, d] with N, d > 0, got {tuple(features.shape)}")
+    return features.detach().to("cpu", torch.float32).contiguous()
+
+
+def _check_train_finite(features: torch.Tensor) -> torch.Tensor:
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {len(features)} training features are not finite (NaN/Inf images "
+                         f"in the training set? first rows {bad.nonzero().flatten()[:5].tolist()})")
+    return features
+
+
+def split_for_real(n_train: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bank indices, query indices) of the paper's split of a training set (module docstring)."""
+    if n_train < 2:
+        raise ValueError(f"the split needs at least 2 training images, got {n_train}")
+    n_queries = n_train // 2 if n_train < SPLIT_LIMIT else SPLIT_QUERIES_LARGE
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(seed)))
+    return order[: n_train - n_queries], order[n_train - n_queries:]
+
+
+def _retrieve(bank_features, queries, *, distance, device=None):
+    """LearnedSet of ``queries`` retrieved from ``bank_features`` (nearest neighbour each)."""
+    from irs_callbacks.retrieval import FeatureBank, LearnedSet
+
+    bank = FeatureBank(bank_features, distance=distance, device=device)
+    learned = LearnedSet(bank.n_train, device=bank.device)
+    indices, _ = bank.search(queries.to(bank.device))
+    learned.update(indices)
+    return learned
+
+
+def measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
+                 device=None) -> tuple[IRSEstimate, dict]:
+    """IRS_inf of real data against training data, and a dict describing how it was measured."""
+    train_features = _check_features(train_features, "train_features")
+    if reference_features is not None:
+        queries = _check_features(reference_features, "reference_features")
+        if queries.shape[1] != train_features.shape[1]:
+            raise ValueError(f"reference features have dimension {queries.shape[1]}, training features "
+                             f"{train_features.shape[1]}: they must come from the same extractor")
+        bank_features, info = train_features, {"method": "held-out", "n_queries": len(queries)}
+    else:
+        bank_idx, query_idx = split_for_real(len(train_features), seed)
+        bank_features, queries = train_features[bank_idx], train_features[query_idx]
+        info = {"method": "split", "seed": int(seed), "n_queries": len(query_idx), "n_bank": len(bank_idx),
+                "rule": "N < 100000: N // 2 queries; else 50000 queries; rest is the bank"}
+    learned = _retrieve(bank_features, queries, distance=distance, device=device)
+    info.update(n_learned=int(learned.n_learned), n_invalid=int(learned.n_invalid))
+    if learned.n_learned < 1:
+        raise ValueError("no real reference image retrieved a training image (all reference features invalid?)")
+    return irs_infinity(int(learned.n_learned), int(learned.n_samples), len(bank_features), alpha_e), info
+
+
+def _estimate_from_dict(data) -> IRSEstimate | None:
+    if data is None:
+        return None
+    names = [f.name for f in dataclasses.fields(IRSEstimate)]
+    return IRSEstimate(**{name: data[name] for name in names})
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _differences(saved, expected, prefix="") -> list[str]:
+    """Dotted paths where ``expected`` (a partial dict) differs from ``saved``."""
+    if isinstance(expected, dict) and isinstance(saved, dict):
+        out = []
+        for key, value in expected.items():
+            out += _differences(saved.get(key, "<missing>"), value, f"{prefix}{key}.")
+        return out
+    return [] if saved == expected else [f"{prefix[:-1]}: saved {saved!r}, expected {expected!r}"]
+
+
+@dataclass(frozen=True)
+class RetrievalScore:
+    """IRS of a set of samples against a reference bank (fractions of ``n_train``)."""
+
+    n_train: int
+    n_samples: int  # all samples, invalid (non-finite) ones included
+    n_invalid: int
+    n_learned: int
+    irs_alpha: float  # n_learned / n_train (Eq. 4)
+    alpha: float  # n_samples / n_train
+    irs_inf: IRSEstimate | None  # None when nothing was learned (all samples invalid)
+    real: IRSEstimate | None
+    adjusted: float | None  # IRS_inf,a (Sec. 3.4); None without a real measurement
+    duplicate_count: int  # exact-duplicate training features (cap N_learned)
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["irs_inf"] = None if self.irs_inf is None else self.irs_inf.as_dict()
+        data["real"] = None if self.real is None else self.real.as_dict()
+        return data
+
+
+class ReferenceBank:
+    """Training features ``[N, d]`` (CPU float32) + metadata + the real-data IRS measurement."""
+
+    def __init__(self, features, *, distance="euclidean", extractor_identity=None, real=None, metadata=None):
+        self.features = _check_train_finite(_check_features(features, "features"))
+        self.distance = _check_distance(distance)
+        self.extractor_identity = _jsonable(extractor_identity or {})
+        if real is not None and not isinstance(real, IRSEstimate):
+            raise TypeError(f"real must be an IRSEstimate or None, got {type(real).__name__}")
+        self.real = real
+        self.metadata = _jsonable(metadata or {})
+        self.metadata.update(
+            format=FORMAT, format_version=FORMAT_VERSION, n_train=self.n_train, dim=self.dim,
+            distance=self.distance, extractor=self.extractor_identity,
+            real=None if real is None else real.as_dict(),
+        )
+        self.metadata.setdefault("library_version", __version__)
+        if "duplicate_count" not in self.metadata:
+            self.metadata["duplicate_count"] = int(self.bank(device="cpu").duplicate_count)
+
+    n_train = property(lambda self: int(self.features.shape[0]), doc="N, number of training images")
+    dim = property(lambda self: int(self.features.shape[1]), doc="feature dimension d")
+    duplicate_count = property(lambda self: int(self.metadata["duplicate_count"]),
+                               doc="exact-duplicate training features beyond the first of each group")
+
+    def __repr__(self) -> str:
+        real = "None" if self.real is None else str(self.real)
+        return (f"ReferenceBank(n_train={self.n_train}, dim={self.dim}, distance={self.distance!r}, "
+                f"extractor={self.extractor_identity.get('name')!r}, real={real})")
+
+    def bank(self, device=None, dtype=torch.float32, **kwargs):
+        """A :class:`irs_callbacks.retrieval.FeatureBank` over the training features."""
+        from irs_callbacks.retrieval import FeatureBank
+
+        return FeatureBank(self.features, distance=self.distance, device=device, dtype=dtype, **kwargs)
+
+    def score(self, sample_features, *, device=None, alpha_e=None) -> RetrievalScore:
+        """IRS_alpha, IRS_inf and IRS_inf,a of samples given as features ``[n, d]`` (NaN rows = invalid)."""
+        from irs_callbacks.retrieval import LearnedSet
+
+        queries = _check_features(sample_features, "sample_features")
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"sample features have dimension {queries.shape[1]} but the reference bank has "
+                             f"{self.dim}: use the extractor the bank was built with ({self.extractor_identity.get('name')})")
+        bank = self.bank(device=device)
+        learned = LearnedSet(bank.n_train, device=bank.device)
+        learned.update(bank.search(queries.to(bank.device))[0])
+        k, n = int(learned.n_learned), int(learned.n_samples)
+        alpha_e = alpha_e if alpha_e is not None else (self.real.alpha_e if self.real is not None else 0.05)
+        estimate = irs_infinity(k, n, self.n_train, alpha_e) if k > 0 else None
+        adjusted = None
+        if self.real is not None:
+            adjusted = adjusted_irs(estimate, self.real) if estimate is not None else 0.0
+        return RetrievalScore(n_train=self.n_train, n_samples=n, n_invalid=int(learned.n_invalid), n_learned=k,
+                              irs_alpha=k / self.n_train, alpha=n / self.n_train, irs_inf=estimate,
+                              real=self.real, adjusted=adjusted, duplicate_count=self.duplicate_count)
+
+    # ----------------------------------------------------------------------- files
+
+    def save(self, path) -> Path:
+        """Write features and metadata to one ``.safetensors`` file (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"reference bank files end in .safetensors, got {str(path)!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"features": self.features}, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata)})
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def read_metadata(path) -> dict:
+        """The JSON metadata of a saved bank (without reading the features)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"reference bank {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as error:  # not a safetensors file
+            raise ValueError(f"{str(path)!r} is not a safetensors reference bank: {error}") from None
+        if METADATA_KEY not in header:
+            raise ValueError(f"{str(path)!r} is a safetensors file but not an IRS reference bank (no metadata)")
+        meta = json.loads(header[METADATA_KEY])
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{str(path)!r} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                             f"this library reads {FORMAT!r} version {FORMAT_VERSION}")
+        return meta
+
+    @classmethod
+    def load(cls, path, *, expect: dict | None = None) -> "ReferenceBank":
+        """Read a bank saved by :meth:`save`. ``expect``: metadata fields (nested dicts allowed, e.g.
+        ``{"extractor": extractor.identity, "distance": "euclidean"}``) that must match; a mismatch
+        raises ValueError naming every differing field."""
+        from safetensors import safe_open
+
+        meta = cls.read_metadata(path)
+        if expect:
+            diffs = _differences(meta, _jsonable(expect))
+            if diffs:
+                raise ValueError(f"reference bank {str(path)!r} does not match what is asked for: " + "; ".join(diffs))
+        with safe_open(str(path), framework="pt") as handle:
+            features = handle.get_tensor("features")
+        if tuple(features.shape) != (meta["n_train"], meta["dim"]):
+            raise ValueError(f"reference bank {str(path)!r} is corrupt: features {tuple(features.shape)}, "
+                             f"metadata says ({meta['n_train']}, {meta['dim']})")
+        return cls(features, distance=meta["distance"], extractor_identity=meta["extractor"],
+                   real=_estimate_from_dict(meta.get("real")), metadata=meta)
+
+    # ----------------------------------------------------------------------- building
+
+    @classmethod
+    def from_features(cls, features, *, reference_features=None, distance="euclidean", extractor_identity=None,
+                      seed=0, alpha_e=0.05, measure=True, device=None, metadata=None) -> "ReferenceBank":
+        """A bank from precomputed training features (and optional held-out real features)."""
+        features = _check_train_finite(_check_features(features, "features"))
+        _check_distance(distance)
+        real, info = (measure_real(features, reference_features, distance=distance, seed=seed, alpha_e=alpha_e,
+                                   device=device) if measure else (None, None))
+        meta = {**(metadata or {}), "real_measurement": info}
+        return cls(features, distance=distance, extractor_identity=extractor_identity, real=real, metadata=meta)
+
+    @classmethod
+    def build(cls, train, *, extractor=DEFAULT_EXTRACTOR, reference=None, distance="euclidean", batch_size=64,
+              device=None, cache_dir=None, seed=0, value_range=(0, 1), alpha_e=0.05, progress=True,
+              num_workers=0, weights=None, **extractor_options) -> "ReferenceBank":
+        """Extract training (and reference) features and measure ``real``.
+
+        train, reference: image folders, .npy/.npz files, tensors/ndarrays, Datasets or DataLoaders
+        (see :func:`irs_callbacks.features.extract_features`); reference=None uses the paper's
+        split of the training set (module docstring). extractor: a name, module, callable or
+        :class:`FeatureExtractor` (``weights`` and ``extractor_options`` such as ``input_size`` go
+        to :func:`get_extractor`). cache_dir: reuse (or write) ``reference-<key>.safetensors``
+        there, keyed by extractor identity, distance, value range, seed, alpha_e and the sha256 of
+        the image contents; a stale or mismatching file is rebuilt.
+        """
+        from irs_callbacks import image_io
+
+        _check_distance(distance)
+        value_range = list(check_value_range(value_range))
+        extractor = get_extractor(extractor, weights=weights, device=device, **extractor_options)
+        streamed = {}
+
+        def fingerprint(data):
+            if isinstance(data, (str, os.PathLike, torch.Tensor)) or type(data).__module__ == "numpy" or isinstance(
+                    data, image_io.ImageFolderDataset) or cache_dir is not None:
+                return image_io.fingerprint(data)
+            return None  # a generic Dataset/DataLoader: hashed while its features are extracted
+
+        train_print = fingerprint(train)
+        ref_print = None if reference is None else fingerprint(reference)
+        key = {
+            "format_version": FORMAT_VERSION, "library_version": __version__, "extractor": extractor.identity,
+            "distance": distance, "value_range": value_range, "alpha_e": alpha_e,
+            "train_fingerprint": train_print,
+            "reference": {"fingerprint": ref_print} if reference is not None else {"split_seed": int(seed)},
+        }
+        cache_path = None
+        if cache_dir is not None:
+            digest = hashlib.sha256(json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:24]
+            cache_path = Path(cache_dir) / f"reference-{digest}.safetensors"
+            if cache_path.is_file():
+                try:
+                    return cls.load(cache_path, expect=key)
+                except ValueError as error:
+                    warnings.warn(f"ignoring unusable cached reference bank ({error}); rebuilding", stacklevel=2)
+
+        def features_of(data, what):
+            hasher = None
+            if (train_print if what == "train" else ref_print) is None:
+                hasher = hashlib.sha256(b"images;")
+            feats = extract_features(extractor, data, batch_size=batch_size, value_range=tuple(value_range),
+                                     progress=progress, num_workers=num_workers, hasher=hasher)
+            if hasher is not None:
+                streamed[what] = hasher.hexdigest()
+            return feats
+
+        started = time.perf_counter()
+        train_features = features_of(train, "train")
+        ref_features = None if reference is None else features_of(reference, "reference")
+        if ref_features is not None and not torch.isfinite(ref_features).all(dim=1).any():
+            raise ValueError("every reference image gave non-finite features (NaN/Inf images?)")
+        key["train_fingerprint"] = train_print or streamed["train"]
+        if reference is not None:
+            key["reference"]["fingerprint"] = ref_print or streamed["reference"]
+        metadata = {
+            **key,
+            "train_source": image_io.describe(train),
+            "reference_source": None if reference is None else image_io.describe(reference),
+            "build_seconds": None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        bank = cls.from_features(train_features, reference_features=ref_features, distance=distance,
+                                 extractor_identity=extractor.identity, seed=seed, alpha_e=alpha_e,
+                                 device=device, metadata=metadata)
+        bank.metadata["build_seconds"] = round(time.perf_counter() - started, 3)
+        if cache_path is not None:
+            bank.save(cache_path)
+        return bank
+

@@ -1,0 +1,257 @@
+"""Feature extractors: registry, construction, local weights, input handling, determinism."""
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irs_callbacks import features as feat
+from irs_callbacks.features import (FeatureExtractor, WeightsUnavailableError, extract_features, get_extractor,
+                                    list_extractors, module_sha256)
+
+SMALL = 75  # smallest input Inception v3 accepts; keeps CPU tests fast
+
+
+@pytest.fixture(scope="module")
+def random_inception():
+    return get_extractor("random-inception", input_size=SMALL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def digits_uint8():
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:6]  # values 0..16
+    return torch.from_numpy((images / 16 * 255).round().astype(np.uint8)).unsqueeze(1)  # [6, 1, 8, 8]
+
+
+def close(a, b, rel=1e-4):
+    scale = max(float(a.abs().max()), 1e-12)
+    torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=rel)
+
+
+def test_registry_lists_builtins_and_rejects_unknown_names():
+    names = list_extractors()
+    for name in ("random-inception", "inception-v3", "swav-resnet50", "dinov2-vitb14", "clip-vitb16",
+                 "convnext-base", "mae-vitb16"):
+        assert name in names
+    with pytest.raises(ValueError, match="unknown extractor 'nope'.*random-inception"):
+        get_extractor("nope")
+    with pytest.raises(TypeError):
+        get_extractor(3)
+    with pytest.raises(ValueError, match="already registered"):
+        feat.register_extractor("random-inception", lambda **kw: None)
+
+
+def test_random_inception_is_deterministic_and_leaves_global_rng_alone(random_inception, digits_uint8):
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    other = get_extractor("random", input_size=SMALL, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # caller's RNG untouched
+    torch.manual_seed(99)
+    assert module_sha256(other.model) == module_sha256(random_inception.model)
+    assert torch.equal(other(digits_uint8), random_inception(digits_uint8))
+    assert random_inception.identity["weights_sha256"] == other.identity["weights_sha256"]
+    assert random_inception.identity["input_size"] == [SMALL, SMALL]
+    assert random_inception.dim == 2048
+
+
+def test_uint8_and_float_ranges_and_channels_give_the_same_features(random_inception, digits_uint8):
+    reference = random_inception(digits_uint8)
+    assert reference.shape == (6, 2048) and reference.dtype == torch.float32 and torch.isfinite(reference).all()
+    unit = digits_uint8.float() / 255
+    close(random_inception(unit, value_range=(0, 1)), reference)
+    close(random_inception(unit * 2 - 1, value_range=(-1, 1)), reference)
+    close(random_inception(digits_uint8.expand(-1, 3, -1, -1)), reference, rel=1e-6)
+    # resize: the extractor resizes exactly like an antialiased bicubic interpolate + clamp
+    resized = F.interpolate(unit, size=(SMALL, SMALL), mode="bicubic", antialias=True).clamp(0, 1)
+    close(random_inception(resized), reference, rel=1e-6)
+    # a different image gives different features
+    assert not torch.allclose(reference[0], reference[1])
+
+
+def test_input_validation(random_inception):
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="value_range"):
+        random_inception(x, value_range=(1, 0))
+    with pytest.raises(ValueError, match="value_range"):
+        random_inception(x, value_range=(0, float("inf")))
+    with pytest.raises(ValueError, match="value_range"):
+        random_inception(x, value_range="0-1")
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        random_inception(torch.rand(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        random_inception(torch.rand(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        random_inception(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="empty batch"):
+        random_inception(torch.rand(0, 3, 8, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        random_inception(torch.zeros(2, 3, 8, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="input_size"):
+        get_extractor("random-inception", input_size=32)
+    with pytest.raises(ValueError, match="multiple of 14"):
+        get_extractor("dinov2", input_size=30, pretrained=False)
+    with pytest.raises(ValueError, match="takes no weights"):
+        get_extractor("random-inception", weights="x.pth")
+
+
+def test_nan_images_give_nan_rows_without_touching_the_others(random_inception, digits_uint8):
+    clean = random_inception(digits_uint8)
+    x = digits_uint8.float() / 255
+    x[2, 0, 3, 3] = float("nan")
+    x[4, 0, 0, 0] = float("inf")
+    out = random_inception(x)
+    assert torch.isnan(out[2]).all() and torch.isnan(out[4]).all()
+    keep = [0, 1, 3, 5]
+    close(out[keep], clean[keep])
+
+
+def test_custom_module_and_callable_extractors():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    extractor = get_extractor(net, input_size=8, device="cpu")
+    assert isinstance(extractor, FeatureExtractor) and extractor.dim == 5
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    expected = net((images.float() / 255).expand(-1, 3, -1, -1))
+    torch.testing.assert_close(extractor(images), expected)
+    assert extractor.identity["weights_sha256"] == module_sha256(net)
+    pixels = get_extractor(lambda x: x.flatten(1), input_size=4, custom_name="pixels")
+    assert pixels.name == "custom:pixels" and pixels.dim == 3 * 16
+    assert get_extractor(extractor) is extractor
+    bad = get_extractor(lambda x: x, input_size=4)
+    with pytest.raises(ValueError, match=r"shape \[B, d\]"):
+        bad(images)
+
+
+EXPECTED = {  # name -> (input size for a quick forward pass, feature dim)
+    "inception-v3": (75, 2048),
+    "swav-resnet50": (32, 2048),
+    "dinov2-vitb14": (28, 768),
+    "clip-vitb16": (32, 512),
+    "convnext-base": (32, 1024),
+    "mae-vitb16": (32, 768),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_pretrained_extractors_construct_without_download(name):
+    size, dim = EXPECTED[name]
+    extractor = get_extractor(name, pretrained=False, input_size=size, device="cpu")
+    assert extractor.dim == dim and extractor.identity["weights"].startswith("random-init")
+    out = extractor(torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8))
+    assert out.shape == (2, dim) and torch.isfinite(out).all()
+
+
+def test_local_weights_file_round_trip(tmp_path, digits_uint8):
+    source = get_extractor("inception-v3", pretrained=False, seed=3, input_size=SMALL, device="cpu")
+    path = tmp_path / "inception.pth"
+    torch.save({"state_dict": source.model.state_dict()}, path)  # a wrapped checkpoint
+    loaded = get_extractor("inception-v3", weights=path, input_size=SMALL, device="cpu")
+    assert torch.equal(loaded(digits_uint8), source(digits_uint8))
+    assert loaded.identity["weights_sha256"] == feat.file_sha256(path)
+    from safetensors.torch import save_file
+
+    st_path = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(st_path))
+    assert torch.equal(get_extractor("inception", weights=st_path, input_size=SMALL)(digits_uint8),
+                       source(digits_uint8))
+
+
+def test_swav_checkpoint_key_mapping(tmp_path, digits_uint8):
+    import timm
+
+    torch.manual_seed(7)
+    resnet = timm.create_model("resnet50", num_classes=0).eval()
+    checkpoint = {f"module.{k}": v for k, v in resnet.state_dict().items()}
+    checkpoint["module.projection_head.0.weight"] = torch.randn(2048, 2048)
+    checkpoint["module.prototypes.weight"] = torch.randn(3000, 128)
+    path = tmp_path / "swav_800ep_pretrain.pth.tar"
+    torch.save(checkpoint, path)
+    swav = get_extractor("swav", weights=path, input_size=32, device="cpu")
+    reference = FeatureExtractor(resnet, name="ref", input_size=32, mean=feat.IMAGENET_MEAN, std=feat.IMAGENET_STD)
+    torch.testing.assert_close(swav(digits_uint8), reference(digits_uint8))
+    assert feat.swav_to_timm({"module.conv1.weight": 1, "module.prototypes.weight": 2,
+                              "projection_head.0.bias": 3}) == {"conv1.weight": 1}
+
+
+def test_weights_that_do_not_fit_and_unsafe_files_are_refused(tmp_path):
+    wrong = tmp_path / "wrong.pth"
+    torch.save(nn.Linear(3, 4).state_dict(), wrong)
+    with pytest.raises(ValueError, match="do not fit extractor 'inception-v3'.*missing keys"):
+        get_extractor("inception-v3", weights=wrong, input_size=SMALL)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"weight": torch.zeros(1), "payload": _NotAWeight()}, pickled)
+    with pytest.raises(ValueError, match="weights_only"):
+        get_extractor("inception-v3", weights=pickled, input_size=SMALL)
+    with pytest.raises(ValueError, match="does not exist"):
+        get_extractor("swav", weights=tmp_path / "missing.pth")
+
+
+class _NotAWeight:
+    pass
+
+
+def test_clear_error_when_weights_cannot_be_downloaded(monkeypatch):
+    def no_network(url):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(feat, "download_state_dict", no_network)
+    with pytest.raises(WeightsUnavailableError) as info:
+        get_extractor("swav-resnet50")
+    message = str(info.value)
+    assert feat.SWAV_URL in message and "weights=PATH" in message and "connect to the internet" in message
+
+    import timm
+
+    real_create = timm.create_model
+
+    def offline_create(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("cannot reach huggingface.co")
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create)
+    with pytest.raises(WeightsUnavailableError, match=r"inception_v3\.tf_in1k.*weights=PATH"):
+        get_extractor("inception-v3", input_size=SMALL)
+
+
+def test_extract_features_from_tensors_arrays_datasets_and_loaders(digits_uint8):
+    extractor = get_extractor(lambda x: x.flatten(1), input_size=8, custom_name="pixels")
+    expected = extractor(digits_uint8)
+    nhwc = digits_uint8.permute(0, 2, 3, 1).numpy()
+    labels = torch.arange(len(digits_uint8))
+    dataset = torch.utils.data.TensorDataset(digits_uint8, labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+
+    class DictDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(digits_uint8)
+
+        def __getitem__(self, i):
+            return {"image": digits_uint8[i], "label": i}
+
+    for data in (digits_uint8, nhwc, digits_uint8[:, 0].numpy(), dataset, loader, DictDataset()):
+        out = extract_features(extractor, data, batch_size=4, progress=False)
+        assert out.device.type == "cpu"
+        torch.testing.assert_close(out, expected)
+    # images of different sizes in one batch are resized one by one
+    mixed = [torch.zeros(3, 8, 8, dtype=torch.uint8), torch.full((3, 16, 16), 255, dtype=torch.uint8)]
+    out = extract_features(extractor, mixed_dataset(mixed), batch_size=2, progress=False)
+    torch.testing.assert_close(out, torch.stack([torch.zeros(192), torch.ones(192)]))
+    with pytest.raises(ValueError, match="batch_size"):
+        extract_features(extractor, digits_uint8, batch_size=0)
+
+
+def mixed_dataset(items):
+    class ListDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    return ListDataset()

@@ -1,0 +1,199 @@
+"""Reference banks: real-data measurement, sources, file round trip, cache, mismatch refusal."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from irs_callbacks import reference as reference_module
+from irs_callbacks.features import get_extractor
+from irs_callbacks.reference import ReferenceBank, measure_real, split_for_real
+from irs_callbacks.stats import adjusted_irs, irs_infinity
+
+def brute_force_nn(bank, queries, distance="euclidean"):
+    """Independent truth: exact nearest neighbour in float64 (lowest index on ties), -1 for NaN rows."""
+    b, q = torch.as_tensor(bank).double(), torch.as_tensor(queries).double()
+    if distance == "cosine":
+        b, q = b / b.norm(dim=1, keepdim=True), q / q.norm(dim=1, keepdim=True)
+    d = ((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    dist, idx = d.min(dim=1)
+    bad = ~torch.isfinite(q).all(dim=1)
+    idx[bad], dist[bad] = -1, float("nan")
+    return idx, dist
+
+
+def distinct(idx):
+    return len(set(int(i) for i in idx if i >= 0))
+
+
+PIXELS = dict(input_size=8, custom_name="pixels")
+
+
+def pixels():
+    return get_extractor(lambda x: x.flatten(1), device="cpu", **PIXELS)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.from_numpy((data.images / 16 * 255).round().astype(np.uint8)).unsqueeze(1)
+    return images, torch.from_numpy(data.target)
+
+
+def test_split_for_real_follows_the_papers_rule():
+    bank, queries = split_for_real(11, seed=3)
+    assert len(bank) == 6 and len(queries) == 5
+    assert sorted(torch.cat([bank, queries]).tolist()) == list(range(11))
+    again = split_for_real(11, seed=3)
+    assert torch.equal(again[0], bank) and torch.equal(again[1], queries)
+    big_bank, big_queries = split_for_real(120_000)
+    assert len(big_queries) == 50_000 and len(big_bank) == 70_000
+    with pytest.raises(ValueError):
+        split_for_real(1)
+
+
+def test_real_measurement_matches_brute_force(digits):
+    images, _ = digits
+    feats = images[:300].flatten(1).float()
+    real, info = measure_real(feats, seed=5)
+    bank_idx, query_idx = split_for_real(300, seed=5)
+    idx, _ = brute_force_nn(feats[bank_idx], feats[query_idx])
+    assert info["method"] == "split" and info["n_queries"] == 150 and info["n_bank"] == 150
+    assert real == irs_infinity(distinct(idx), 150, 150)
+    # held-out reference: queries against the full training set
+    held = images[300:400].flatten(1).float()
+    real_held, info_held = measure_real(feats, held, distance="cosine")
+    idx, _ = brute_force_nn(feats, held, "cosine")
+    assert info_held["method"] == "held-out"
+    assert real_held == irs_infinity(distinct(idx), 100, 300)
+
+
+def test_build_from_tensor_folder_and_arrays_agree(tmp_path, digits):
+    from PIL import Image
+
+    images, _ = digits
+    train = images[:40]
+    folder = tmp_path / "train"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(train):  # recursive, sorted by relative path
+        where = folder / "sub" if i >= 30 else folder
+        Image.fromarray(image[0].numpy()).save(where / f"{i:03d}.png")
+    np.save(tmp_path / "train.npy", train.permute(0, 2, 3, 1).numpy())  # NHWC
+    np.savez(tmp_path / "train.npz", images=train.numpy())
+    banks = [ReferenceBank.build(source, extractor=pixels(), progress=False)
+             for source in (train, folder, tmp_path / "train.npy", tmp_path / "train.npz", train.numpy())]
+    for bank in banks:
+        assert bank.n_train == 40 and bank.dim == 192
+        torch.testing.assert_close(bank.features, banks[0].features)
+        assert bank.real == banks[0].real and bank.real is not None
+        assert len(bank.metadata["train_fingerprint"]) == 64
+    # pixel features of a grey image: the same value in all three channels, scaled to [0, 1]
+    for channel in range(3):
+        torch.testing.assert_close(banks[0].features.view(40, 3, 64)[:, channel], train.flatten(1).float() / 255)
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="contains no images"):
+        ReferenceBank.build(tmp_path / "empty", extractor=pixels())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="a.png"):
+        ReferenceBank.build(broken, extractor=pixels(), progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        ReferenceBank.build(tmp_path / "nowhere", extractor=pixels())
+    np.save(tmp_path / "flat.npy", np.zeros((5, 7)))
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        ReferenceBank.build(tmp_path / "flat.npy", extractor=pixels())
+    with pytest.raises(ValueError, match="distance"):
+        ReferenceBank.build(torch.zeros(4, 1, 8, 8), extractor=pixels(), distance="manhattan")
+    nan_train = torch.rand(6, 1, 8, 8)
+    nan_train[2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        ReferenceBank.build(nan_train, extractor=pixels(), progress=False)
+
+
+def test_save_load_round_trip_and_mismatch_refusal(tmp_path, digits):
+    images, _ = digits
+    bank = ReferenceBank.build(images[:60], reference=images[60:90], extractor=pixels(), progress=False)
+    path = bank.save(tmp_path / "bank.safetensors")
+    loaded = ReferenceBank.load(path, expect={"extractor": pixels().identity, "distance": "euclidean"})
+    assert torch.equal(loaded.features, bank.features)
+    assert loaded.real == bank.real and loaded.metadata == bank.metadata
+    assert loaded.metadata["real_measurement"]["method"] == "held-out"
+    assert loaded.metadata["library_version"] and loaded.metadata["n_train"] == 60
+    with pytest.raises(ValueError) as info:
+        ReferenceBank.load(path, expect={"extractor": {**pixels().identity, "input_size": [9, 9]},
+                                         "distance": "cosine"})
+    message = str(info.value)
+    assert "extractor.input_size" in message and "distance" in message and "cosine" in message
+    # a safetensors file that is not a bank, and a file that is not safetensors at all
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an IRS reference bank"):
+        ReferenceBank.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 30)
+    with pytest.raises(ValueError, match="not a safetensors"):
+        ReferenceBank.load(tmp_path / "junk.safetensors")
+    # the metadata is plain JSON in the safetensors header
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()["irs_reference"])["dim"] == 192
+
+
+def test_cache_is_reused_only_for_the_same_images_and_extractor(tmp_path, digits, monkeypatch):
+    images, _ = digits
+    first = ReferenceBank.build(images[:50], extractor=pixels(), cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("reference-*.safetensors"))) == 1
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features extracted although a matching cache exists")
+
+    monkeypatch.setattr(reference_module, "extract_features", no_extraction)
+    second = ReferenceBank.build(images[:50], extractor=pixels(), cache_dir=tmp_path, progress=False)
+    assert torch.equal(second.features, first.features) and second.real == first.real
+    monkeypatch.undo()
+    changed = images[:50].clone()
+    changed[0, 0, 0, 0] ^= 1  # one pixel differs -> new fingerprint, new cache entry
+    ReferenceBank.build(changed, extractor=pixels(), cache_dir=tmp_path, progress=False)
+    other_size = get_extractor(lambda x: x.flatten(1), input_size=4, custom_name="pixels")
+    ReferenceBank.build(images[:50], extractor=other_size, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("reference-*.safetensors"))) == 3
+
+
+def test_duplicates_are_counted_and_scores_match_brute_force(digits):
+    images, _ = digits
+    train = torch.cat([images[:30], images[:3]])  # 3 exact duplicates
+    bank = ReferenceBank.build(train, extractor=pixels(), progress=False)
+    assert bank.duplicate_count == 3 and bank.metadata["duplicate_count"] == 3
+    samples = images[100:130].float() / 255
+    samples[4] = float("nan")
+    feats = pixels()(samples)
+    result = bank.score(feats)
+    idx, _ = brute_force_nn(bank.features, feats)
+    assert result.n_samples == 30 and result.n_invalid == 1 and result.n_learned == distinct(idx)
+    assert result.irs_alpha == distinct(idx) / 33
+    assert result.irs_inf == irs_infinity(distinct(idx), 30, 33)
+    assert result.adjusted == pytest.approx(adjusted_irs(result.irs_inf, bank.real))
+    assert result.as_dict()["irs_inf"]["n_learned"] == distinct(idx)
+    with pytest.raises(ValueError, match="dimension"):
+        bank.score(torch.zeros(3, 5))
+
+
+def test_dataset_and_loader_sources_are_fingerprinted(digits):
+    images, labels = digits
+    dataset = torch.utils.data.TensorDataset(images[:20], labels[:20])
+    from_dataset = ReferenceBank.build(dataset, extractor=pixels(), progress=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7)
+    from_loader = ReferenceBank.build(loader, extractor=pixels(), progress=False)
+    from_tensor = ReferenceBank.build(images[:20], extractor=pixels(), progress=False)
+    assert torch.equal(from_dataset.features, from_tensor.features)
+    assert torch.equal(from_loader.features, from_tensor.features)
+    assert from_dataset.metadata["train_fingerprint"] == from_loader.metadata["train_fingerprint"]
+    assert len(from_dataset.metadata["train_fingerprint"]) == 64
