@@ -16,6 +16,12 @@ How ``real`` is measured (``measure_real``):
   several); IRS_inf is a fraction of the bank half. The stored bank features remain all N
   training images either way.
 
+The measurement gap depends on the sampling rate alpha = n / N (paper Table 4), so synthetic and
+real scores are compared at the same alpha: the bank keeps each real query's retrieved index
+(``real_nearest``) and :meth:`ReferenceBank.real_at` re-estimates IRS_inf(real) from random
+subsets of ``round(n * n_bank / N)`` real queries (averaged over repeats) for ``n`` synthetic
+samples. ``ReferenceBank.score`` and the monitor use it; ``real`` is the all-queries value.
+
 Files: one ``.safetensors`` file with tensor ``features`` and the JSON metadata (key
 ``irs_reference`` of the safetensors header): format version, library version, extractor
 identity (name, weights and their sha256, input size, preprocessing), distance, value range,
@@ -92,29 +98,39 @@ def _retrieve(bank_features, queries, *, distance, device=None):
     learned = LearnedSet(bank.n_train, device=bank.device)
     indices, _ = bank.search(queries.to(bank.device))
     learned.update(indices)
-    return learned
+    return learned, indices
 
 
 def measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
                  device=None) -> tuple[IRSEstimate, dict]:
     """IRS_inf of real data against training data, and a dict describing how it was measured."""
+    estimate, info, _ = _measure_real(train_features, reference_features, distance=distance, seed=seed,
+                                      alpha_e=alpha_e, device=device)
+    return estimate, info
+
+
+def _measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
+                  device=None) -> tuple[IRSEstimate, dict, torch.Tensor]:
+    """:func:`measure_real` plus each real query's retrieved bank index (-1: invalid query)."""
     train_features = _check_features(train_features, "train_features")
     if reference_features is not None:
         queries = _check_features(reference_features, "reference_features")
         if queries.shape[1] != train_features.shape[1]:
             raise ValueError(f"reference features have dimension {queries.shape[1]}, training features "
                              f"{train_features.shape[1]}: they must come from the same extractor")
-        bank_features, info = train_features, {"method": "held-out", "n_queries": len(queries)}
+        bank_features, info = train_features, {"method": "held-out", "n_queries": len(queries),
+                                               "n_bank": len(train_features)}
     else:
         bank_idx, query_idx = split_for_real(len(train_features), seed)
         bank_features, queries = train_features[bank_idx], train_features[query_idx]
         info = {"method": "split", "seed": int(seed), "n_queries": len(query_idx), "n_bank": len(bank_idx),
                 "rule": "N < 100000: N // 2 queries; else 50000 queries; rest is the bank"}
-    learned = _retrieve(bank_features, queries, distance=distance, device=device)
+    learned, nearest = _retrieve(bank_features, queries, distance=distance, device=device)
     info.update(n_learned=int(learned.n_learned), n_invalid=int(learned.n_invalid))
     if learned.n_learned < 1:
         raise ValueError("no real reference image retrieved a training image (all reference features invalid?)")
-    return irs_infinity(int(learned.n_learned), int(learned.n_samples), len(bank_features), alpha_e), info
+    estimate = irs_infinity(int(learned.n_learned), int(learned.n_samples), len(bank_features), alpha_e)
+    return estimate, info, nearest.cpu()
 
 
 def _estimate_from_dict(data) -> IRSEstimate | None:
@@ -163,8 +179,11 @@ class RetrievalScore:
 class ReferenceBank:
     """Training features ``[N, d]`` (CPU float32) + metadata + the real-data IRS measurement."""
 
-    def __init__(self, features, *, distance="euclidean", extractor_identity=None, real=None, metadata=None):
+    def __init__(self, features, *, distance="euclidean", extractor_identity=None, real=None, metadata=None,
+                 real_nearest=None):
         self.features = _check_train_finite(_check_features(features, "features"))
+        #: retrieved bank index of each real query (-1 = invalid), for :meth:`real_at`; or None
+        self.real_nearest = None if real_nearest is None else torch.as_tensor(real_nearest, dtype=torch.int64).cpu()
         self.distance = _check_distance(distance)
         self.extractor_identity = _jsonable(extractor_identity or {})
         if real is not None and not isinstance(real, IRSEstimate):
@@ -196,6 +215,39 @@ class ReferenceBank:
 
         return FeatureBank(self.features, distance=self.distance, device=device, dtype=dtype, **kwargs)
 
+    def real_at(self, n_samples: int, *, repeats: int = 32, seed: int = 0) -> IRSEstimate | None:
+        """IRS_inf of real data at the sampling rate of ``n_samples`` synthetic samples.
+
+        The measurement gap depends on alpha = n / N, so the real reference is re-estimated from
+        ``m = round(n_samples * n_bank / n_train)`` real queries (the same alpha against the bank
+        they were retrieved from), drawn ``repeats`` times without replacement (seeded); the
+        returned estimate and bounds are the averages (fractions of the bank). When all queries
+        are needed (m >= their number), or the bank has no per-query record, this is ``real``.
+        """
+        if self.real is None or self.real_nearest is None:
+            return self.real
+        n_samples = int(n_samples)
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        n_bank = self.real.n_train
+        m = max(1, round(n_samples * n_bank / self.n_train))
+        queries = self.real_nearest
+        if m >= len(queries):
+            return self.real
+        generator = torch.Generator().manual_seed(int(seed))
+        estimates = []
+        for _ in range(int(repeats)):
+            subset = queries[torch.randperm(len(queries), generator=generator)[:m]]
+            k = int(torch.unique(subset[subset >= 0]).numel())
+            if k > 0:
+                estimates.append(irs_infinity(k, m, n_bank, self.real.alpha_e))
+        if not estimates:
+            return self.real
+        mean = lambda name: sum(getattr(e, name) for e in estimates) / len(estimates)  # noqa: E731
+        return IRSEstimate(estimate=mean("estimate"), lower=mean("lower"), upper=mean("upper"),
+                           s_hat=round(mean("s_hat")), s_lower=round(mean("s_lower")), s_upper=round(mean("s_upper")),
+                           n_learned=round(mean("n_learned")), n_samples=m, n_train=n_bank, alpha_e=self.real.alpha_e)
+
     def score(self, sample_features, *, device=None, alpha_e=None) -> RetrievalScore:
         """IRS_alpha, IRS_inf and IRS_inf,a of samples given as features ``[n, d]`` (NaN rows = invalid)."""
         from irs_callbacks.retrieval import LearnedSet
@@ -210,12 +262,12 @@ class ReferenceBank:
         k, n = int(learned.n_learned), int(learned.n_samples)
         alpha_e = alpha_e if alpha_e is not None else (self.real.alpha_e if self.real is not None else 0.05)
         estimate = irs_infinity(k, n, self.n_train, alpha_e) if k > 0 else None
-        adjusted = None
-        if self.real is not None:
-            adjusted = adjusted_irs(estimate, self.real) if estimate is not None else 0.0
+        adjusted, real = None, self.real_at(n) if n > 0 else self.real
+        if real is not None:
+            adjusted = adjusted_irs(estimate, real) if estimate is not None else 0.0
         return RetrievalScore(n_train=self.n_train, n_samples=n, n_invalid=int(learned.n_invalid), n_learned=k,
                               irs_alpha=k / self.n_train, alpha=n / self.n_train, irs_inf=estimate,
-                              real=self.real, adjusted=adjusted, duplicate_count=self.duplicate_count)
+                              real=real, adjusted=adjusted, duplicate_count=self.duplicate_count)
 
     # ----------------------------------------------------------------------- files
 
@@ -228,7 +280,10 @@ class ReferenceBank:
             raise ValueError(f"reference bank files end in .safetensors, got {str(path)!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"features": self.features}, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata)})
+        tensors = {"features": self.features}
+        if self.real_nearest is not None:
+            tensors["real_nearest"] = self.real_nearest
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata)})
         os.replace(tmp, path)
         return path
 
@@ -267,11 +322,12 @@ class ReferenceBank:
                 raise ValueError(f"reference bank {str(path)!r} does not match what is asked for: " + "; ".join(diffs))
         with safe_open(str(path), framework="pt") as handle:
             features = handle.get_tensor("features")
+            real_nearest = handle.get_tensor("real_nearest") if "real_nearest" in handle.keys() else None
         if tuple(features.shape) != (meta["n_train"], meta["dim"]):
             raise ValueError(f"reference bank {str(path)!r} is corrupt: features {tuple(features.shape)}, "
                              f"metadata says ({meta['n_train']}, {meta['dim']})")
         return cls(features, distance=meta["distance"], extractor_identity=meta["extractor"],
-                   real=_estimate_from_dict(meta.get("real")), metadata=meta)
+                   real=_estimate_from_dict(meta.get("real")), metadata=meta, real_nearest=real_nearest)
 
     # ----------------------------------------------------------------------- building
 
@@ -281,10 +337,11 @@ class ReferenceBank:
         """A bank from precomputed training features (and optional held-out real features)."""
         features = _check_train_finite(_check_features(features, "features"))
         _check_distance(distance)
-        real, info = (measure_real(features, reference_features, distance=distance, seed=seed, alpha_e=alpha_e,
-                                   device=device) if measure else (None, None))
+        real, info, nearest = (_measure_real(features, reference_features, distance=distance, seed=seed,
+                                             alpha_e=alpha_e, device=device) if measure else (None, None, None))
         meta = {**(metadata or {}), "real_measurement": info}
-        return cls(features, distance=distance, extractor_identity=extractor_identity, real=real, metadata=meta)
+        return cls(features, distance=distance, extractor_identity=extractor_identity, real=real, metadata=meta,
+                   real_nearest=nearest)
 
     @classmethod
     def build(cls, train, *, extractor=DEFAULT_EXTRACTOR, reference=None, distance="euclidean", batch_size=64,

@@ -73,7 +73,8 @@ def test_score_folders_prints_and_writes_consistent_numbers(folders, tmp_path, c
     assert 1 <= k <= 12 and result["irs_alpha"] == k / 40
     assert result["irs_inf"] == irs_infinity(k, 12, 40).as_dict()
     real = result["real"]
-    assert result["real_measurement"]["method"] == "split" and real["n_samples"] == 20 and real["n_train"] == 20
+    # split of TRAIN: 20 queries vs 20; at the samples' alpha (12/40) 6 of the queries
+    assert result["real_measurement"]["method"] == "split" and real["n_samples"] == 6 and real["n_train"] == 20
     assert result["adjusted"] == pytest.approx(adjusted_irs(result["irs_inf"]["estimate"], real["estimate"]))
     assert result["extractor"]["input_size"] == [75, 75]
     # second run: the cached bank gives the very same numbers

@@ -180,7 +180,9 @@ def test_duplicates_are_counted_and_scores_match_brute_force(digits):
     assert result.n_samples == 30 and result.n_invalid == 1 and result.n_learned == distinct(idx)
     assert result.irs_alpha == distinct(idx) / 33
     assert result.irs_inf == irs_infinity(distinct(idx), 30, 33)
-    assert result.adjusted == pytest.approx(adjusted_irs(result.irs_inf, bank.real))
+    # real: 16 split queries against a 17-image bank, taken at the samples' alpha: 15 of them
+    assert result.real == bank.real_at(30) and result.real.n_samples == 15 and result.real.n_train == 17
+    assert result.adjusted == pytest.approx(adjusted_irs(result.irs_inf, bank.real_at(30)))
     assert result.as_dict()["irs_inf"]["n_learned"] == distinct(idx)
     with pytest.raises(ValueError, match="dimension"):
         bank.score(torch.zeros(3, 5))
@@ -197,3 +199,25 @@ def test_dataset_and_loader_sources_are_fingerprinted(digits):
     assert torch.equal(from_loader.features, from_tensor.features)
     assert from_dataset.metadata["train_fingerprint"] == from_loader.metadata["train_fingerprint"]
     assert len(from_dataset.metadata["train_fingerprint"]) == 64
+
+
+def test_real_reference_is_taken_at_the_samples_sampling_rate(digits, tmp_path):
+    """IRS_inf(real) is re-estimated from as many real queries as give the synthetic alpha."""
+    images, _ = digits
+    bank = ReferenceBank.build(images[:400], extractor=pixels(), progress=False)  # split: 200 vs 200
+    nearest = bank.real_nearest
+    assert nearest.shape == (200,) and bank.real.n_samples == 200 and bank.real.n_train == 200
+    assert bank.real.n_learned == torch.unique(nearest).numel()
+    small = bank.real_at(100)  # alpha = 100/400 -> 50 queries against the 200-image bank
+    assert (small.n_samples, small.n_train) == (50, 200)
+    assert 0 < small.lower <= small.estimate <= small.upper <= 1
+    assert small == bank.real_at(100)  # seeded: reproducible
+    # every subset estimate is one of the estimates a 50-query subset can give
+    possible = [irs_infinity(k, 50, 200).estimate for k in range(1, 51)]
+    assert min(possible) <= small.estimate <= max(possible)
+    assert bank.real_at(400) == bank.real  # all queries needed: the full measurement
+    bank.save(tmp_path / "b.safetensors")
+    loaded = ReferenceBank.load(tmp_path / "b.safetensors")
+    assert torch.equal(loaded.real_nearest, nearest) and loaded.real_at(100) == small
+    with pytest.raises(ValueError, match="n_samples"):
+        bank.real_at(0)

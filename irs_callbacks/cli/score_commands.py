@@ -261,7 +261,10 @@ def _print_score(result, bank, extra: dict, timings: dict) -> None:
     ]
     how = bank.metadata.get("real_measurement") or {}
     if result.real is not None:
-        rows.append(("IRS_inf,real", f"{result.real}  ({_real_how(how)})"))
+        subset = ""
+        if how.get("n_queries") and result.real.n_samples < how["n_queries"]:
+            subset = f"; at the samples' alpha: {result.real.n_samples} queries, mean of 32 random subsets"
+        rows.append(("IRS_inf,real", f"{result.real}  ({_real_how(how)}{subset})"))
         rows.append(("IRS_inf,a", f"{result.adjusted:.2%}  (= IRS_inf / IRS_inf,real; may exceed 100%)"))
     else:
         rows.append(("IRS_inf,a", "n/a (no real-data measurement in this bank)"))
