@@ -21,6 +21,11 @@ _LAZY = {
     "feature_class_embedding": "conditioning",
     "PseudoLabelDataset": "dataset",
     "DiADMPipeline": "pipeline",
+    "DiADMFeatureBank": "pipeline",
+    "conditional_forward": "conditioning",
+    "drop_conditions": "conditioning",
+    "check_features": "conditioning",
+    "scheduler_sigmas": "noise",
     "N3RejectionSampler": "n3",
 }
 

@@ -1,0 +1,189 @@
+"""DiADM sampling: a diffusers pipeline whose conditions are features of training images (IRS paper, Sec. 3.5).
+
+Every training instance acts as its own class: a condition is drawn from the bank of training features
+(``"cycle"``: each instance once per N samples; ``"uniform"``: with replacement; ``"perturb"``: uniform plus small
+noise), the model denoises under it, optionally with classifier-free guidance against the zero condition.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils.torch_utils import randn_tensor
+
+from .conditioning import DiADMUNet2DModel, check_features, conditional_forward, feature_dim_of, normalize_features
+
+__all__ = ["DiADMFeatureBank", "DiADMPipeline", "CONDITION_STRATEGIES"]
+
+CONDITION_STRATEGIES = ("cycle", "uniform", "perturb")
+
+
+class DiADMFeatureBank(ModelMixin, ConfigMixin):
+    """The training features [N, d] (raw extractor output, float32) as a pipeline component, so
+    ``DiADMPipeline.save_pretrained`` stores them (safetensors) and ``from_pretrained`` restores them.
+    ``extractor_identity`` (JSON-able dict, optional) records which extractor produced them."""
+
+    @register_to_config
+    def __init__(self, n_train: int = 1, feature_dim: int = 1, extractor_identity: dict | None = None):
+        super().__init__()
+        self.features = nn.Parameter(torch.zeros(n_train, feature_dim), requires_grad=False)
+
+    @classmethod
+    def from_features(cls, features, extractor_identity: dict | None = None) -> "DiADMFeatureBank":
+        """From a tensor [N, d], or an object with ``.features`` (e.g. an irs_callbacks ``ReferenceBank``)."""
+        if extractor_identity is None:
+            extractor_identity = getattr(features, "extractor_identity", None)
+        features = getattr(features, "features", features)
+        features = check_features(torch.as_tensor(features), name="feature_bank").detach().float().cpu()
+        if features.shape[0] < 1:
+            raise ValueError("feature_bank must hold at least one feature vector")
+        bank = cls(n_train=features.shape[0], feature_dim=features.shape[1], extractor_identity=extractor_identity)
+        bank.features.data.copy_(features)
+        return bank
+
+    @property
+    def n_train(self) -> int:
+        return self.features.shape[0]
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.features[indices.to(self.features.device)]
+
+
+class DiADMPipeline(DiffusionPipeline):
+    """Sampling from a feature-conditioned model (:class:`~diadm.DiADMUNet2DModel` or a projection-conditioned
+    :class:`~diffusers.UNet2DConditionModel` without cross-attention).
+
+    Args:
+        unet: the denoiser, trained on images scaled to [-1, 1].
+        scheduler: any diffusers scheduler matching the model's training (DDPM, DDIM, EDM Euler, ...).
+        feature_bank: :class:`DiADMFeatureBank`, a tensor [N, d] or a ``ReferenceBank`` (raw training features;
+            the model normalises them).
+
+    Calling ``pipeline(batch_size=b, generator=g, output_type="pt").images`` gives float32 images [b, C, H, W] in
+    [0, 1] (the model's [-1, 1] output mapped by ``x / 2 + 0.5`` and clamped) -- directly usable as a sampler
+    for :class:`irs_callbacks.IRSMonitor`. The bank indices of the last call are in ``last_condition_indices``.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler, feature_bank):
+        super().__init__()
+        if not isinstance(feature_bank, DiADMFeatureBank):
+            feature_bank = DiADMFeatureBank.from_features(feature_bank)
+        dim = feature_dim_of(unet)
+        if feature_bank.config.feature_dim != dim:
+            raise ValueError(f"feature_bank: features have dimension {feature_bank.config.feature_dim}, the unet "
+                             f"expects feature_dim={dim}")
+        self.register_modules(unet=unet, scheduler=scheduler, feature_bank=feature_bank)
+        self.reset_cycle()
+        self.last_condition_indices = None
+
+    # -- conditions --------------------------------------------------------------------------------------------
+    def reset_cycle(self, seed: int = 0) -> None:
+        """Restart the "cycle" strategy: permutation ``k`` of the bank is drawn with seed ``seed + k``."""
+        self._cycle_seed, self._cycle_epoch, self._cycle_pos, self._cycle_perm = int(seed), 0, 0, None
+
+    def _next_cycle_indices(self, count: int) -> torch.Tensor:
+        n = self.feature_bank.n_train
+        out = []
+        while count > 0:
+            if self._cycle_perm is None or self._cycle_pos >= n:
+                gen = torch.Generator().manual_seed(self._cycle_seed + self._cycle_epoch)
+                self._cycle_perm, self._cycle_pos = torch.randperm(n, generator=gen), 0
+                self._cycle_epoch += 1
+            take = min(count, n - self._cycle_pos)
+            out.append(self._cycle_perm[self._cycle_pos:self._cycle_pos + take])
+            self._cycle_pos += take
+            count -= take
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+    def draw_conditions(self, batch_size: int, condition_strategy: str = "cycle", generator=None,
+                        perturb_scale: float = 0.1):
+        """Bank indices [B] and conditions [B, d] for one batch.
+
+        ``"cycle"`` walks seeded permutations of the whole bank (state kept across calls, see
+        :meth:`reset_cycle`), so the first N draws use every training instance exactly once; ``"uniform"`` draws
+        indices with replacement from ``generator``; ``"perturb"`` draws like "uniform" and returns
+        ``normalize_features(f) + perturb_scale * noise`` with standard normal noise: the normalised features have
+        unit RMS per entry, so ``perturb_scale`` is the noise-to-signal ratio per entry (default 0.1).
+        """
+        if condition_strategy not in CONDITION_STRATEGIES:
+            raise ValueError(f"condition_strategy must be one of {CONDITION_STRATEGIES}, got {condition_strategy!r}")
+        gen = generator[0] if isinstance(generator, list) else generator
+        gen_device = gen.device if gen is not None else "cpu"
+        n = self.feature_bank.n_train
+        if condition_strategy == "cycle":
+            indices = self._next_cycle_indices(batch_size)
+        else:
+            indices = torch.randint(n, (batch_size,), generator=gen, device=gen_device).cpu()
+        features = self.feature_bank(indices).float()
+        if condition_strategy == "perturb":
+            if not perturb_scale >= 0:
+                raise ValueError(f"perturb_scale must be >= 0, got {perturb_scale!r}")
+            noise = torch.randn(features.shape, generator=gen, device=gen_device).to(features.device)
+            features = normalize_features(features) + perturb_scale * noise
+        return indices, features
+
+    def _predict(self, sample, t, features, guidance_scale):
+        model_input = self.scheduler.scale_model_input(sample, t)
+        cond = conditional_forward(self.unet, model_input, t, features)
+        if guidance_scale == 1.0:
+            return cond  # exactly the conditional prediction
+        uncond = conditional_forward(self.unet, model_input, t, None)
+        return uncond + guidance_scale * (cond - uncond)
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, conditions: torch.Tensor | None = None, condition_strategy: str = "cycle",
+                 guidance_scale: float = 1.0, num_inference_steps: int = 50, generator=None,
+                 output_type: str = "pil", return_dict: bool = True, perturb_scale: float = 0.1):
+        """Generate ``batch_size`` images.
+
+        Args:
+            conditions: explicit raw features [B, d] (then ``condition_strategy`` is not used).
+            condition_strategy: "cycle" | "uniform" | "perturb" (see :meth:`draw_conditions`).
+            guidance_scale: classifier-free guidance against the zero (unconditional) condition:
+                ``uncond + g (cond - uncond)``; 1 is the plain conditional prediction (one model call per step).
+                Needs a model trained with condition dropout for g != 1.
+            output_type: "pil" (list of PIL images), "np" (float array [B, H, W, C] in [0, 1]) or "pt" (float32
+                tensor [B, C, H, W] in [0, 1]).
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if conditions is not None:
+            conditions = check_features(conditions, feature_dim_of(self.unet), batch_size, name="conditions")
+            self.last_condition_indices = None
+        else:
+            self.last_condition_indices, conditions = self.draw_conditions(
+                batch_size, condition_strategy, generator, perturb_scale)
+        device = self._execution_device
+        conditions = conditions.to(device)
+
+        cfg = self.unet.unet.config if isinstance(self.unet, DiADMUNet2DModel) else self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+        shape = (batch_size, cfg.in_channels, *size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator: got a list of {len(generator)} generators for batch_size={batch_size}")
+        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        image = image * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_output = self._predict(image, t, conditions, guidance_scale)
+            image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
