@@ -35,8 +35,15 @@ _LAZY = {
     "LearnedSet": "retrieval",
     "ReferenceBank": "reference",
     "RetrievalScore": "reference",
-    # monitor
+    # monitor and what it is made of
     "IRSMonitor": "monitor",
+    "EvaluationResult": "monitor",
+    "as_sampler": "samplers",
+    "Sampler": "samplers",
+    "PipelineSampler": "samplers",
+    "CallableSampler": "samplers",
+    "CheckpointPruner": "pruning",
+    "read_history": "tracking",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -229,6 +229,13 @@ class ReferenceBank:
         n_samples = int(n_samples)
         if n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        key = (n_samples, int(repeats), int(seed))
+        cache = self.__dict__.setdefault("_real_at_cache", {})
+        if key not in cache:
+            cache[key] = self._real_at(n_samples, int(repeats), int(seed))
+        return cache[key]
+
+    def _real_at(self, n_samples: int, repeats: int, seed: int) -> IRSEstimate:
         n_bank = self.real.n_train
         m = max(1, round(n_samples * n_bank / self.n_train))
         queries = self.real_nearest

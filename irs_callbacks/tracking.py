@@ -1,0 +1,323 @@
+"""Where IRS evaluations go: TensorBoard (scalars, margin chart, histogram, image grids, a figure)
+and a JSON-lines history file that can be plotted without TensorBoard.
+
+TensorBoard tags (all under ``irs/``; the step is the training step of the evaluation):
+
+- scalars: ``irs/irs_alpha`` (N_learned / N_train), ``irs/estimate``, ``irs/lower``,
+  ``irs/upper`` (IRS_inf and its one-sided bounds, fractions of N_train), ``irs/adjusted``,
+  ``irs/adjusted_lower``, ``irs/adjusted_upper`` (divided by IRS_inf of real data),
+  ``irs/n_learned``, ``irs/k_min``, ``irs/samples_used``, ``irs/n_invalid``, ``irs/verdict``
+  (1 = pass, 0 = reject), ``irs/time_sampling``, ``irs/time_features``, ``irs/time_monitor``
+  (seconds; ``time_monitor`` here excludes the TensorBoard logging itself, the history file's
+  ``timing.monitor`` includes it);
+- custom scalars: chart "Margin" (``irs/estimate`` with band ``irs/lower``..``irs/upper``) and
+  "Adjusted margin";
+- histogram ``irs/hits``: how many samples retrieved each training image;
+- images ``irs/samples`` (a grid of generated samples), ``irs/over_retrieved`` (the most often
+  retrieved training images), ``irs/curve`` (N_learned against samples drawn, with the ideal
+  curve of Eq. 2, the curve expected at the target diversity, and the rejection threshold).
+
+History file: see :data:`HISTORY_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["HistoryFile", "read_history", "TensorBoardLogger", "HISTORY_SCHEMA", "SCALAR_TAGS"]
+
+HISTORY_SCHEMA = """\
+One JSON object per line, one line per evaluation, in order of training step:
+
+  step          int    training step of the evaluation
+  verdict       str    "pass" or "reject"
+  rule          str    what decided: "deterministic" (N_learned cannot reach k_min any more),
+                       "interim" (statistical early look), "final" (full budget), or null
+  stopped_early bool   decided before the budget was drawn
+  budget        int    samples the evaluation may draw
+  samples_used  int    samples drawn (invalid ones included)
+  n_learned     int    distinct training images retrieved (N_learned)
+  n_invalid     int    samples with NaN/Inf values (counted as failures, never learned)
+  n_train       int    training images in the reference bank (N_train)
+  k_min         int    rejection threshold for the full budget (reject iff N_learned <= k_min)
+  target_irs    float  target diversity (on the adjusted scale when real_irs is known)
+  alpha_e       float  error probability
+  irs_alpha     float  N_learned / N_train
+  estimate      float  IRS_inf (fraction of N_train; from the valid samples), or null
+  lower, upper  float  one-sided alpha_e bounds of IRS_inf, or null
+  adjusted      float  IRS_inf / IRS_inf(real), or null without a real reference
+  adjusted_lower, adjusted_upper  float  the bounds divided by IRS_inf(real), or null
+  real_irs      float  IRS_inf of held-out real data, or null
+  seed          int    sampling seed of the evaluation
+  timing        dict   seconds: sampling, features, monitor (everything else: retrieval +
+                       statistics + logging), total; parts of monitor: retrieval (search,
+                       gather, learned-set update, decision), logging (TensorBoard + history)
+  curve         list   [[samples drawn, N_learned], ...] after each batch
+"""
+
+SCALAR_TAGS = ("irs/irs_alpha", "irs/estimate", "irs/lower", "irs/upper", "irs/adjusted",
+               "irs/adjusted_lower", "irs/adjusted_upper", "irs/n_learned", "irs/k_min",
+               "irs/samples_used", "irs/n_invalid", "irs/verdict", "irs/time_sampling",
+               "irs/time_features", "irs/time_monitor")
+
+MARGIN_LAYOUT = {"IRS": {
+    "Margin": ["Margin", ["irs/estimate", "irs/lower", "irs/upper"]],
+    "Adjusted margin": ["Margin", ["irs/adjusted", "irs/adjusted_lower", "irs/adjusted_upper"]],
+}}
+
+
+class HistoryFile:
+    """JSON-lines history of evaluations (schema: :data:`HISTORY_SCHEMA`)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            f.flush()
+
+    def rewrite(self, records) -> None:
+        """Replace the whole file by ``records`` atomically (used after a resume)."""
+        from irs_callbacks.pruning import _atomic_write_text
+        _atomic_write_text(self.path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records))
+
+    def read(self) -> list[dict]:
+        return read_history(self.path)
+
+
+def read_history(path) -> list[dict]:
+    """The evaluations recorded in a history file, as a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def scalars_of(record: dict) -> dict[str, float]:
+    """The scalar values logged for one history record (tags of :data:`SCALAR_TAGS`)."""
+    out = {"irs/irs_alpha": record["irs_alpha"], "irs/n_learned": record["n_learned"],
+           "irs/k_min": record["k_min"], "irs/samples_used": record["samples_used"],
+           "irs/n_invalid": record["n_invalid"], "irs/verdict": 1.0 if record["verdict"] == "pass" else 0.0}
+    for key in ("estimate", "lower", "upper", "adjusted", "adjusted_lower", "adjusted_upper"):
+        if record.get(key) is not None:
+            out[f"irs/{key}"] = record[key]
+    for key in ("sampling", "features", "monitor"):
+        if key in record.get("timing", {}):
+            out[f"irs/time_{key}"] = record["timing"][key]
+    return {k: float(v) for k, v in out.items()}
+
+
+class TensorBoardLogger:
+    """Writes IRS evaluations to a TensorBoard ``SummaryWriter``.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX) -- e.g.
+            ``accelerator.get_tracker("tensorboard", unwrap=True)`` or Lightning's
+            ``trainer.logger.experiment``.
+        scalar_sinks: extra callables ``(values: dict, step: int)`` that receive the scalars too
+            (other Accelerate trackers, a Lightning logger's ``log_metrics``).
+        write_scalars: also write the scalars to ``writer`` (False when a sink already does, e.g.
+            Lightning's TensorBoardLogger.log_metrics).
+        images: log sample / over-retrieved grids; figure: log the N_learned curve figure.
+    """
+
+    def __init__(self, writer=None, *, scalar_sinks=(), write_scalars: bool = True, images: bool = True,
+                 figure: bool = True):
+        self.writer = writer
+        self.scalar_sinks = list(scalar_sinks)
+        self.write_scalars = write_scalars
+        self.images, self.figure = images, figure
+        self._layout_written = False
+        self._warned = set()
+        self._curve = None
+        if figure and writer is not None:
+            try:  # import once, up front (not inside the first evaluation's timing)
+                import matplotlib.backends.backend_agg  # noqa: F401
+                import matplotlib.figure  # noqa: F401
+            except ImportError:
+                pass
+
+    @classmethod
+    def from_log_dir(cls, log_dir, **kwargs) -> "TensorBoardLogger":
+        from torch.utils.tensorboard import SummaryWriter
+        return cls(SummaryWriter(log_dir=str(log_dir)), **kwargs)
+
+    def log(self, record: dict, *, hits=None, samples=None, over_retrieved=None) -> None:
+        """Log one evaluation: ``record`` (history schema), per-training-image ``hits`` (1-D),
+        ``samples`` (a few generated images, NCHW in [0, 1]) and ``over_retrieved`` (training
+        images, NCHW in [0, 1])."""
+        step = int(record["step"])
+        scalars = scalars_of(record)
+        for sink in self.scalar_sinks:
+            sink(scalars, step)
+        w = self.writer
+        if w is None:
+            return
+        if not self._layout_written:
+            w.add_custom_scalars(MARGIN_LAYOUT)
+            self._layout_written = True
+        if self.write_scalars:
+            for tag, value in scalars.items():
+                w.add_scalar(tag, value, step)
+        if hits is not None and len(hits) > 0:
+            w.add_histogram("irs/hits", np.asarray(hits, dtype=np.float64), step)
+        if self.images:
+            if samples is not None and len(samples) > 0:
+                w.add_image("irs/samples", _grid(samples), step)
+            if over_retrieved is not None and len(over_retrieved) > 0:
+                w.add_image("irs/over_retrieved", _grid(over_retrieved), step)
+        if self.figure:
+            image = self._curve_image(record)
+            if image is not None:
+                w.add_image("irs/curve", image, step, dataformats="HWC")
+        # no flush here: the writer flushes on its own (every 2 min by default) and on close()
+
+    def warm_up(self, record: dict) -> None:
+        """Draw the static part of the curve figure for (n_train, budget, k_min, target_s) now
+        (set-up time), so that evaluations only draw their curve."""
+        if self.figure and self.writer is not None:
+            self._curve_image({**record, "step": 0, "verdict": "", "rule": None, "samples_used": 0, "curve": []})
+
+    def _curve_image(self, record):
+        if self._curve is None:
+            try:
+                self._curve = CurveRenderer()
+            except ImportError:
+                if "matplotlib" not in self._warned:
+                    warnings.warn("matplotlib is not installed: the irs/curve figure is not logged "
+                                  "(pip install 'irs-callbacks[report]')", stacklevel=3)
+                    self._warned.add("matplotlib")
+                return None
+        return self._curve.render(record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def curve_figure(record: dict, fig=None):
+    """Matplotlib figure: N_learned against samples drawn (the evaluation's curve), the ideal curve
+    N (1 - (1 - 1/N)^n) (Eq. 2), the curve expected at the target diversity s_d, the final
+    threshold k_min and the deterministic-rejection boundary k_min - (budget - n)."""
+    if fig is None:
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(4.5, 3.2), dpi=72)
+    _static_axes(record, fig)
+    line, text = _dynamic_artists(fig.axes[0])
+    _update_dynamic(record, line, text)
+    return fig
+
+
+def _static_axes(record, fig):
+    """The parts of the curve figure that depend only on (N, budget, k_min, s_d)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax = fig.add_subplot(1, 1, 1)
+    n_train, budget, k_min = record["n_train"], record["budget"], record["k_min"]
+    n = np.linspace(0, budget, 60)
+    ax.plot(n, expected_learned(n, n_train), color="0.5", ls="--", label="ideal (Eq. 2)")
+    s_d = record.get("target_s")
+    if s_d:
+        ax.plot(n, expected_learned(n, s_d), color="tab:green", ls=":", label=f"target s_d={s_d:.0f}")
+    ax.axhline(k_min, color="tab:red", lw=1, label=f"k_min={k_min}")
+    ax.plot(n, k_min - (budget - n), color="tab:red", ls="--", lw=0.8, label="deterministic reject")
+    ax.plot([], [], "o-", ms=3, color="tab:blue", label="N_learned")  # legend entry of the curve
+    ax.set_xlim(0, budget)
+    ax.set_ylim(0, max(1.0, min(n_train, budget) * 1.05))
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.set_xlabel("samples drawn")
+    ax.set_ylabel("N_learned")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.92)
+    return ax
+
+
+def _dynamic_artists(ax):
+    (line,) = ax.plot([], [], "o-", ms=3, color="tab:blue")
+    text = ax.text(0.5, 1.02, "", transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
+    return line, text
+
+
+def _update_dynamic(record, line, text):
+    curve = np.asarray(record.get("curve") or [[0, 0]], dtype=float)
+    line.set_data(curve[:, 0], curve[:, 1])
+    text.set_text(f"step {record['step']}: {record['verdict']} ({record.get('rule')}) after {record['samples_used']}")
+
+
+class CurveRenderer:
+    """Renders :func:`curve_figure` to an RGB array. The static part (axes, reference curves,
+    legend) is drawn once per (N, budget, k_min, s_d) and reused; each evaluation only draws its
+    curve and title on top (Agg blitting), which is what keeps the figure cheap."""
+
+    def __init__(self, figsize=(4.5, 3.2), dpi=72):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (ImportError -> no figure)
+        from matplotlib.figure import Figure  # noqa: F401
+
+        self.figsize, self.dpi = figsize, dpi
+        self._key = None
+
+    def render(self, record) -> np.ndarray:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        key = (record["n_train"], record["budget"], record["k_min"], record.get("target_s"))
+        if key != self._key:
+            self.fig = Figure(figsize=self.figsize, dpi=self.dpi)
+            self.canvas = FigureCanvasAgg(self.fig)
+            self.ax = _static_axes(record, self.fig)
+            self.line, self.text = _dynamic_artists(self.ax)
+            self.line.set_animated(True)
+            self.text.set_animated(True)
+            self.canvas.draw()  # animated artists are skipped: this is the static background
+            self.background = self.canvas.copy_from_bbox(self.fig.bbox)
+            self._key = key
+        self.canvas.restore_region(self.background)
+        _update_dynamic(record, self.line, self.text)
+        self.ax.draw_artist(self.line)
+        self.ax.draw_artist(self.text)
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+
+def expected_learned(n, n_train):
+    """Expected distinct images after n uniform draws from n_train: N (1 - (1 - 1/N)^n) (Eq. 2)."""
+    n = np.asarray(n, dtype=float)
+    return -n_train * np.expm1(n * np.log1p(-1.0 / n_train)) if n_train > 1 else np.minimum(n, 1.0)
+
+
+def _grid(images, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Images NCHW in [0, 1] (1 or 3 channels) -> one CHW float32 grid (grey repeated to RGB);
+    images smaller than 32 pixels are enlarged (nearest neighbour). numpy only: cheap."""
+    import torch
+
+    x = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
+    x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32, copy=False)
+    x = x[:, :3] if x.shape[1] >= 3 else np.repeat(x[:, :1], 3, axis=1)
+    if x.shape[-1] < 32:
+        scale = -(-32 // x.shape[-1])
+        x = x.repeat(scale, axis=-1).repeat(scale, axis=-2)
+    n, c, h, w = x.shape
+    cols = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / cols))
+    cells = np.zeros((rows * cols, c, h + pad, w + pad), np.float32)
+    cells[:n, :, pad:, pad:] = x
+    grid = cells.reshape(rows, cols, c, h + pad, w + pad).transpose(2, 0, 3, 1, 4).reshape(c, rows * (h + pad), cols * (w + pad))
+    return np.pad(grid, ((0, 0), (0, pad), (0, pad)))

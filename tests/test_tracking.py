@@ -1,0 +1,129 @@
+"""TensorBoard events and the JSON-lines history, read back from disk."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from irs_callbacks import IRSMonitor
+from irs_callbacks.stats import expected_irs
+from irs_callbacks.tracking import (HISTORY_SCHEMA, SCALAR_TAGS, HistoryFile, TensorBoardLogger, curve_figure,
+                                    expected_learned, read_history, scalars_of)
+
+from monitor_helpers import PoolSampler, classes, digits, pixels, split
+
+TRAIN, HELD = split()
+
+
+def events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def run_two_evaluations(monitor):
+    monitor.evaluate(PoolSampler(HELD, replace=False), step=10)
+    monitor.evaluate(PoolSampler(classes([0, 1], HELD), replace=True), step=20)
+    return monitor.history
+
+
+def test_tensorboard_events_hold_every_tag_with_the_recorded_values(tmp_path):
+    x, _ = digits()
+    m = IRSMonitor(train_data=x[TRAIN], extractor=pixels, num_samples=300, batch_size=60, log_dir=tmp_path,
+                   progress=False, num_log_images=16)
+    history = run_two_evaluations(m)
+    m.close()  # flushes the writer
+    ea = events(tmp_path / "irs")
+    tags = ea.Tags()
+    assert set(SCALAR_TAGS) <= set(tags["scalars"])
+    for record in history:
+        for tag, value in scalars_of(record).items():
+            if tag.startswith("irs/time_"):  # logged before the logging itself was timed
+                continue
+            logged = {e.step: e.value for e in ea.Scalars(tag)}
+            assert logged[record["step"]] == pytest.approx(value, rel=1e-6), tag
+    assert ea.Scalars("irs/verdict")[0].value == 1.0 and ea.Scalars("irs/verdict")[1].value == 0.0
+    assert "irs/hits" in tags["histograms"]
+    hist = ea.Histograms("irs/hits")[1].histogram_value
+    assert hist.num == len(TRAIN) and hist.sum == history[1]["samples_used"]  # one count per training image
+    assert {"irs/samples", "irs/over_retrieved", "irs/curve"} <= set(tags["images"])
+    assert ea.Images("irs/samples")[0].width > 8
+    assert any("custom_scalars" in t for t in tags["tensors"])  # the Margin layout
+
+
+def test_margin_layout_names_the_bounds():
+    from irs_callbacks.tracking import MARGIN_LAYOUT
+
+    chart = MARGIN_LAYOUT["IRS"]["Margin"]
+    assert chart == ["Margin", ["irs/estimate", "irs/lower", "irs/upper"]]
+
+
+def test_accelerate_tracker_is_used_when_present(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    x, _ = digits()
+    acc = Accelerator(cpu=True, log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(tmp_path)))
+    acc.init_trackers("run")
+    loader = acc.prepare(torch.utils.data.DataLoader(x[TRAIN], batch_size=64))
+    m = IRSMonitor(extractor=pixels, num_samples=200, batch_size=100, progress=False, log_images=False).attach(acc)
+    assert m.train_data is loader.dataset
+    m.evaluate(PoolSampler(HELD, replace=False), step=5)
+    acc.end_training()
+    ea = events(tmp_path / "run")
+    assert set(SCALAR_TAGS) <= set(ea.Tags()["scalars"])
+    assert not (tmp_path / "irs").exists()  # no second writer
+    assert read_history(tmp_path / "irs_history.jsonl")[0]["step"] == 5  # history next to the logs
+
+
+def test_history_file_schema_and_rewrite(tmp_path):
+    x, _ = digits()
+    m = IRSMonitor(train_data=x[TRAIN], extractor=pixels, num_samples=300, batch_size=60, log_dir=tmp_path,
+                   progress=False, tensorboard=False, log_images=False)
+    history = run_two_evaluations(m)
+    on_disk = read_history(m.history_file)
+    assert on_disk == json.loads(json.dumps(history))
+    documented = {line.split()[0] for line in HISTORY_SCHEMA.splitlines()[2:] if line[:2] == "  " and line[2] != " "}
+    documented |= {"lower", "upper", "adjusted_lower", "adjusted_upper"}
+    assert set(on_disk[0]) - {"score", "target_s"} <= documented
+    for key in ("step", "verdict", "rule", "samples_used", "n_learned", "k_min", "irs_alpha", "estimate", "lower",
+                "upper", "adjusted", "n_invalid", "timing", "curve"):
+        assert key in on_disk[0]
+    assert set(on_disk[0]["timing"]) == {"sampling", "features", "retrieval", "monitor", "logging", "total"}
+    r = on_disk[1]
+    assert r["lower"] <= r["estimate"] <= r["upper"] and r["curve"][-1] == [r["samples_used"], r["n_learned"]]
+    # load_state_dict rewrites the file to the restored history (no double counting after resume)
+    m.load_state_dict({**m.state_dict(), "history": history[:1]})
+    m._ensure_outputs()
+    assert [e["step"] for e in read_history(m.history_file)] == [10]
+    f = HistoryFile(tmp_path / "h.jsonl")
+    f.rewrite([{"step": 1, "x": float("nan")}])
+    assert f.read() == [{"step": 1, "x": None}]  # non-finite floats become null (valid JSON)
+
+
+def test_expected_curve_is_eq_2():
+    for n_train in (1, 2, 39, 1797):
+        n = np.array([0, 1, 15, 1000])
+        exact = [n_train * expected_irs(int(k), n_train) for k in n]
+        np.testing.assert_allclose(expected_learned(n, n_train), exact, rtol=1e-12)
+    # Eq. 2 against a simulation of uniform draws
+    rng = np.random.default_rng(0)
+    sim = np.mean([len(np.unique(rng.integers(0, 100, 50))) for _ in range(4000)])
+    assert sim == pytest.approx(expected_learned(50, 100), rel=0.01)
+
+
+def test_curve_figure_and_sinks():
+    record = {"step": 3, "n_train": 100, "budget": 60, "k_min": 30, "target_s": 80.0, "verdict": "reject",
+              "rule": "interim", "curve": [[20, 15], [40, 22]], "irs_alpha": 0.22, "n_learned": 22,
+              "samples_used": 40, "n_invalid": 0, "estimate": 0.3, "lower": 0.2, "upper": 0.4, "adjusted": None,
+              "timing": {"sampling": 1.0, "features": 0.5, "monitor": 0.1}}
+    fig = curve_figure(record)
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert any("ideal" in s for s in labels) and any("k_min" in s for s in labels)
+    got = []
+    TensorBoardLogger(None, scalar_sinks=[lambda values, step: got.append((step, values))]).log(record)
+    assert got[0][0] == 3 and got[0][1]["irs/verdict"] == 0.0 and "irs/adjusted" not in got[0][1]
+    assert got[0][1]["irs/time_sampling"] == 1.0
