@@ -14,7 +14,7 @@ from importlib import import_module
 from irs_callbacks import __version__
 
 # Sub-command modules of this package, in the order their commands appear in --help.
-_COMMAND_MODULES = ("stats_commands", "score_commands")
+_COMMAND_MODULES = ("stats_commands", "score_commands", "report_command")
 
 
 def build_parser() -> argparse.ArgumentParser:
