@@ -13,7 +13,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from irs_callbacks.features import DEFAULT_EXTRACTOR, get_extractor
-from irs_callbacks.image_io import IMAGE_DICT_KEYS, fingerprint
+from irs_callbacks.image_io import fingerprint, item_image
 from irs_callbacks.reference import ReferenceBank
 
 __all__ = ["PseudoLabelDataset"]
@@ -75,12 +75,5 @@ class PseudoLabelDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        if isinstance(item, (tuple, list)) and item:
-            item = item[0]
-        elif isinstance(item, dict):
-            key = next((k for k in IMAGE_DICT_KEYS if k in item), None)
-            if key is None:
-                raise ValueError(f"dataset items are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(item)}")
-            item = item[key]
-        return {"image": item, "features": self.bank.features[index], "index": index}
+        image = item_image(self.dataset[index])
+        return {"image": image, "features": self.bank.features[index], "index": index}

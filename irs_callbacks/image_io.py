@@ -117,15 +117,22 @@ def as_image_tensor(images, *, name: str = "images") -> torch.Tensor:
     return x
 
 
-def _image_of_item(item) -> torch.Tensor:
-    """One Dataset item (image, (image, label, ...) or dict) -> image tensor [C, H, W]."""
+def item_image(item, what: str = "dataset items"):
+    """The image part of a Dataset item or DataLoader batch: the item itself, the first entry of a
+    tuple/list (image, label, ...), or a dict's image entry (keys ``IMAGE_DICT_KEYS``)."""
     if isinstance(item, (tuple, list)) and item:
-        item = item[0]
-    elif isinstance(item, dict):
+        return item[0]
+    if isinstance(item, dict):
         key = next((k for k in IMAGE_DICT_KEYS if k in item), None)
         if key is None:
-            raise ValueError(f"dataset items are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(item)}")
-        item = item[key]
+            raise ValueError(f"{what} are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(item)}")
+        return item[key]
+    return item
+
+
+def _image_of_item(item) -> torch.Tensor:
+    """One Dataset item (image, (image, label, ...) or dict) -> image tensor [C, H, W]."""
+    item = item_image(item)
     if not isinstance(item, (torch.Tensor, np.ndarray)):
         try:  # PIL image
             item = np.asarray(item.convert("RGB"))
@@ -151,10 +158,7 @@ def _batch_images(batch):
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].ndim == 4:
         batch = batch[0]
     elif isinstance(batch, dict):
-        key = next((k for k in IMAGE_DICT_KEYS if k in batch), None)
-        if key is None:
-            raise ValueError(f"DataLoader batches are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(batch)}")
-        batch = batch[key]
+        batch = item_image(batch, "DataLoader batches")
     if isinstance(batch, torch.Tensor):
         return as_image_tensor(batch, name="DataLoader batch")
     if isinstance(batch, (list, tuple)):

@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from irs_callbacks.features import check_value_range
+
 __all__ = [
     "Sampler",
     "PipelineSampler",
@@ -140,16 +142,6 @@ class Sampler:
         return images
 
 
-def _check_value_range(value_range) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"value_range must be a pair (low, high) such as (0, 1) or (-1, 1), got {value_range!r}") from None
-    if not lo < hi:
-        raise ValueError(f"value_range must have low < high, got {value_range!r}")
-    return lo, hi
-
-
 class CallableSampler(Sampler):
     """Wraps ``fn(batch_size, generator) -> images`` (NCHW or NHWC, tensor or array).
 
@@ -166,7 +158,7 @@ class CallableSampler(Sampler):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(batch_size, generator) -> images, got {type(fn).__name__}")
         self.fn = fn
-        self.value_range = _check_value_range(value_range)
+        self.value_range = check_value_range(value_range)
         self.per_sample_generators = per_sample_generators
         self._modules = [model] if isinstance(model, torch.nn.Module) else list(model or [])
 
@@ -205,7 +197,7 @@ class PipelineSampler(Sampler):
         self.num_inference_steps = num_inference_steps
         self.ema, self._ema_parameters = ema, ema_parameters
         self.output_type = output_type
-        self.value_range = _check_value_range(value_range)
+        self.value_range = check_value_range(value_range)
         self.call_kwargs = call_kwargs
 
     def modules(self):
