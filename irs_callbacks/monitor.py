@@ -51,7 +51,7 @@ import torch
 from irs_callbacks.pruning import CHECKPOINT_PATTERN, PRUNE_MODES, CheckpointPruner
 from irs_callbacks.samplers import as_sampler, preserved_training_state, sample_seed
 from irs_callbacks.stats import IRSEstimate, SequentialRejectionTest, adjusted_irs, irs_infinity
-from irs_callbacks.tracking import HistoryFile, TensorBoardLogger
+from irs_callbacks.tracking import LAST_EVALUATION_NAME, HistoryFile, TensorBoardLogger, save_evaluation
 
 __all__ = ["IRSMonitor", "EvaluationResult", "EvaluationError", "default_budget"]
 
@@ -619,6 +619,10 @@ class IRSMonitor:
                 except Exception as error:  # a display nicety: never fail the evaluation for it
                     logger.warning("IRSMonitor: could not load over-retrieved training images: %s", error)
             self._tracker.log(result.as_record(), hits=result.hits.numpy(), samples=samples, over_retrieved=over)
+            try:  # hits per training image, for `irs report --evaluation`; a display aid, never fatal
+                save_evaluation(self._history_file.path.with_name(LAST_EVALUATION_NAME), result.as_record(), result.hits)
+            except Exception as error:
+                logger.warning("IRSMonitor: could not save %s: %s", LAST_EVALUATION_NAME, error)
             spent = time.perf_counter() - t_end
             result.timing["logging"] = spent
             result.timing["monitor"] += spent

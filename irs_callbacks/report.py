@@ -17,42 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from irs_callbacks.tracking import curve_figure, read_history
+from irs_callbacks.tracking import curve_figure, load_evaluation, read_history, save_evaluation  # noqa: F401
 
-__all__ = ["save_evaluation", "load_evaluation", "render_report"]
-
-
-# ----------------------------------------------------------------------------- saved evaluations
-
-
-def save_evaluation(path, record: dict, hits) -> Path:
-    """Write one evaluation: ``hits`` [N_train] as safetensors, ``record`` (history schema) as
-    its JSON metadata. Read back with :func:`load_evaluation`; nothing is pickled."""
-    import torch
-    from safetensors.torch import save_file
-
-    from irs_callbacks.tracking import _jsonable
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hits = torch.as_tensor(np.asarray(hits), dtype=torch.int64).flatten().contiguous()
-    save_file({"hits": hits}, str(path), metadata={"record": json.dumps(_jsonable(record))})
-    return path
-
-
-def load_evaluation(path) -> tuple[dict, np.ndarray]:
-    """(record, hits) from a file written by :func:`save_evaluation`."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-            hits = f.get_tensor("hits")
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types
-        raise ValueError(f"evaluation {path} is not a saved IRS evaluation (safetensors with 'hits'): {error}") from None
-    if "record" not in metadata:
-        raise ValueError(f"evaluation {path} has no 'record' metadata")
-    return json.loads(metadata["record"]), hits.astype(np.int64)
+__all__ = ["render_report", "retrieval_extremes"]
 
 
 # ----------------------------------------------------------------------------- figures

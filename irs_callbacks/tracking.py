@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HistoryFile", "read_history", "TensorBoardLogger", "HISTORY_SCHEMA", "SCALAR_TAGS"]
+__all__ = ["HistoryFile", "read_history", "save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME", "TensorBoardLogger", "HISTORY_SCHEMA", "SCALAR_TAGS"]
 
 HISTORY_SCHEMA = """\
 One JSON object per line, one line per evaluation, in order of training step:
@@ -69,6 +69,10 @@ MARGIN_LAYOUT = {"IRS": {
     "Margin": ["Margin", ["irs/estimate", "irs/lower", "irs/upper"]],
     "Adjusted margin": ["Margin", ["irs/adjusted", "irs/adjusted_lower", "irs/adjusted_upper"]],
 }}
+
+
+#: the latest evaluation (hits per training image + its record), written next to the history file
+LAST_EVALUATION_NAME = "irs_last_evaluation.safetensors"
 
 
 class HistoryFile:
@@ -321,3 +325,31 @@ def _grid(images, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     cells[:n, :, pad:, pad:] = x
     grid = cells.reshape(rows, cols, c, h + pad, w + pad).transpose(2, 0, 3, 1, 4).reshape(c, rows * (h + pad), cols * (w + pad))
     return np.pad(grid, ((0, 0), (0, pad), (0, pad)))
+
+
+def save_evaluation(path, record: dict, hits) -> Path:
+    """Write one evaluation: ``hits`` [N_train] as safetensors, ``record`` (history schema) as
+    its JSON metadata. Read back with :func:`load_evaluation`; nothing is pickled."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hits = torch.as_tensor(np.asarray(hits), dtype=torch.int64).flatten().contiguous()
+    save_file({"hits": hits}, str(path), metadata={"record": json.dumps(_jsonable(record))})
+    return path
+
+
+def load_evaluation(path) -> tuple[dict, np.ndarray]:
+    """(record, hits) from a file written by :func:`save_evaluation`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            hits = f.get_tensor("hits")
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types
+        raise ValueError(f"evaluation {path} is not a saved IRS evaluation (safetensors with 'hits'): {error}") from None
+    if "record" not in metadata:
+        raise ValueError(f"evaluation {path} has no 'record' metadata")
+    return json.loads(metadata["record"]), hits.astype(np.int64)

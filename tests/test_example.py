@@ -49,3 +49,13 @@ def test_example_runs_and_leaves_its_logs(tmp_path):
     assert set(ledger) == {"checkpoint-10", "checkpoint-20"} and all(e["reason"] for e in ledger.values())
     assert (out / "checkpoint-20").is_dir() and (out / "unet" / "config.json").exists()
     assert "IRS step     20" in proc.stdout
+
+    # the monitor keeps the latest evaluation beside the history: `irs report` renders it all
+    from irs_callbacks.report import render_report
+    from irs_callbacks.tracking import LAST_EVALUATION_NAME, load_evaluation
+
+    record, hits = load_evaluation(out / "logs" / LAST_EVALUATION_NAME)
+    assert record["step"] == 20 and len(hits) == 120 and hits.sum() == record["samples_used"] - record["n_invalid"]
+    page = render_report(out / "logs" / "irs_history.jsonl", tmp_path / "report.html",
+                         evaluation=out / "logs" / LAST_EVALUATION_NAME, train_data=data).read_text()
+    assert page.count("data:image/png;base64,") >= 4  # over steps, curve, histogram, at least one grid

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from irs_callbacks.cli import main as irs_main
-from irs_callbacks.report import load_evaluation, render_report, retrieval_extremes, save_evaluation
+from irs_callbacks.report import render_report, retrieval_extremes
+from irs_callbacks.tracking import load_evaluation, save_evaluation
 from irs_callbacks.stats import irs_infinity
 
 N_TRAIN, BUDGET = 60, 40
