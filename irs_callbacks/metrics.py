@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from .retrieval import FeatureBank
+from .retrieval import FeatureBank, as_feature_tensor
 
 __all__ = ["compute_metrics", "fid", "kid", "prdc", "vendi", "METRICS"]
 
@@ -38,16 +38,9 @@ _U32 = 2.0 ** -24
 
 
 def _check(x, name: str, min_rows: int = 1) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray of shape [N, d], got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape [N, d], got shape {tuple(x.shape)}")
+    x = as_feature_tensor(x, name)
     if x.shape[0] < min_rows:
         raise ValueError(f"{name} needs at least {min_rows} rows, got {x.shape[0]}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     x = x.detach()
     if x.is_floating_point():
         bad = ~torch.isfinite(x).all(dim=1)

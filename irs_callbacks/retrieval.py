@@ -52,7 +52,8 @@ def _faiss_gpus() -> int:
         return 0
 
 
-def _as_tensor(x, name: str) -> torch.Tensor:
+def as_feature_tensor(x, name: str) -> torch.Tensor:
+    """``x`` (tensor or ndarray) as a 2-D real tensor ``[N, d]``, or a TypeError/ValueError naming ``name``."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -87,7 +88,7 @@ class FeatureBank:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
-        x = _as_tensor(features, "features")
+        x = as_feature_tensor(features, "features")
         n, d = x.shape
         if n == 0 or d == 0:
             raise ValueError(f"features must be a non-empty [N, d] array, got shape {tuple(x.shape)}")
@@ -202,7 +203,7 @@ class FeatureBank:
 
     # ------------------------------------------------------------------ query preparation
     def _prepare(self, queries, name="queries"):
-        q = _as_tensor(queries, name).to(self.device)
+        q = as_feature_tensor(queries, name).to(self.device)
         if q.shape[1] != self.dim:
             raise ValueError(f"{name} have dimension {q.shape[1]} but the bank has dimension {self.dim}")
         return q
