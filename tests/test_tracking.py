@@ -54,6 +54,38 @@ def test_tensorboard_events_hold_every_tag_with_the_recorded_values(tmp_path):
     assert any("custom_scalars" in t for t in tags["tensors"])  # the Margin layout
 
 
+def test_logged_images_decode_to_exactly_what_was_logged(tmp_path):
+    """Grids and the curve figure are written as lossless PNG image summaries (float grids are
+    quantised to 8 bits by add_image, hence one grey level of tolerance)."""
+    import io
+
+    from PIL import Image
+
+    from irs_callbacks.tracking import CurveRenderer, TensorBoardLogger, _grid
+
+    x, _ = digits()
+    logger = TensorBoardLogger.from_log_dir(tmp_path)
+    record = {"step": 3, "verdict": "reject", "rule": "interim", "samples_used": 40, "budget": 100, "n_learned": 30,
+              "n_invalid": 0, "n_train": 200, "k_min": 60, "irs_alpha": 0.15, "target_s": 150.0,
+              "curve": [[20, 18], [40, 30]]}
+    logger.log(record, hits=np.arange(200) % 3, samples=x[:9], over_retrieved=x[9:13])
+    logger.writer.close()
+    ea = events(tmp_path)
+
+    def decoded(tag):
+        event = ea.Images(tag)[0]
+        return event.step, np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+    def grid_rgb(images):
+        return _grid(images).transpose(1, 2, 0) * 255
+
+    step, samples = decoded("irs/samples")
+    assert step == 3 and samples.shape == grid_rgb(x[:9]).shape
+    assert np.abs(samples - grid_rgb(x[:9])).max() <= 1
+    assert np.abs(decoded("irs/over_retrieved")[1] - grid_rgb(x[9:13])).max() <= 1
+    assert np.array_equal(decoded("irs/curve")[1], CurveRenderer().render(record))
+
+
 def test_margin_layout_names_the_bounds():
     from irs_callbacks.tracking import MARGIN_LAYOUT
 
