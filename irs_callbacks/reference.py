@@ -184,6 +184,7 @@ class ReferenceBank:
         self.features = _check_train_finite(_check_features(features, "features"))
         #: retrieved bank index of each real query (-1 = invalid), for :meth:`real_at`; or None
         self.real_nearest = None if real_nearest is None else torch.as_tensor(real_nearest, dtype=torch.int64).cpu()
+        self._real_at_cache: dict[tuple[int, int, int], IRSEstimate] = {}
         self.distance = _check_distance(distance)
         self.extractor_identity = _jsonable(extractor_identity or {})
         if real is not None and not isinstance(real, IRSEstimate):
@@ -230,10 +231,9 @@ class ReferenceBank:
         if n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         key = (n_samples, int(repeats), int(seed))
-        cache = self.__dict__.setdefault("_real_at_cache", {})
-        if key not in cache:
-            cache[key] = self._real_at(n_samples, int(repeats), int(seed))
-        return cache[key]
+        if key not in self._real_at_cache:
+            self._real_at_cache[key] = self._real_at(*key)
+        return self._real_at_cache[key]
 
     def _real_at(self, n_samples: int, repeats: int, seed: int) -> IRSEstimate:
         n_bank = self.real.n_train
