@@ -51,7 +51,8 @@ import torch
 from irs_callbacks.pruning import CHECKPOINT_PATTERN, PRUNE_MODES, CheckpointPruner
 from irs_callbacks.samplers import as_sampler, preserved_training_state, sample_seed
 from irs_callbacks.stats import IRSEstimate, SequentialRejectionTest, adjusted_irs, irs_infinity
-from irs_callbacks.tracking import LAST_EVALUATION_NAME, HistoryFile, TensorBoardLogger, save_evaluation
+from irs_callbacks.tracking import (LAST_EVALUATION_NAME, BackgroundWork, HistoryFile, TensorBoardLogger,
+                                    save_evaluation)
 
 __all__ = ["IRSMonitor", "EvaluationResult", "EvaluationError", "default_budget"]
 
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 _PAD = -2  # gather padding (a rank with fewer samples in a round); -1 = invalid sample
 HISTORY_NAME = "irs_history.jsonl"
+_PRECOMPUTED_ROUNDS = 8  # real_at(n) is prepared at set-up for evaluations that end within this many rounds
 
 
 class EvaluationError(RuntimeError):
@@ -280,6 +282,7 @@ class IRSMonitor:
         self._extractor = None
         self._train_images = None  # callable: bank rows -> images in [0, 1], or None
         self._tracker = None
+        self._background = BackgroundWork(inline=strict)  # TensorBoard images etc. off the training loop
         self._history_file = None
         self._pruner = None
         self._resumed_from = None
@@ -452,6 +455,9 @@ class IRSMonitor:
             logger.warning("IRSMonitor: the reference bank has no real-data measurement (bank.real is None): "
                            "the target is on the absolute scale and no adjusted score is reported")
         test = self._rejection_test(bank)  # one-time set-up, outside the evaluations' timing:
+        if self.adjust:  # the real reference at the first rounds' sample counts (real_at caches them)
+            for n in range(self.batch_size, min(test.budget, _PRECOMPUTED_ROUNDS * self.batch_size) + 1, self.batch_size):
+                bank.real_at(n)
         self._ensure_outputs()  # writers, imports, the static part of the curve figure
         if self._tracker is not None:
             self._tracker.warm_up({"n_train": bank.n_train, "budget": test.budget, "k_min": int(test.k_min),
@@ -610,19 +616,15 @@ class IRSMonitor:
         main = self._processes().is_main
         if main:
             self._ensure_outputs()
-            over = None
+            top = None
             if self.log_images and self._train_images is not None and self.num_log_images:
                 top = torch.argsort(result.hits, descending=True, stable=True)[: min(16, self.num_log_images)]
-                top = top[result.hits[top] > 1]
-                try:
-                    over = self._train_images(top.tolist()) if len(top) else None
-                except Exception as error:  # a display nicety: never fail the evaluation for it
-                    logger.warning("IRSMonitor: could not load over-retrieved training images: %s", error)
-            self._tracker.log(result.as_record(), hits=result.hits.numpy(), samples=samples, over_retrieved=over)
-            try:  # hits per training image, for `irs report --evaluation`; a display aid, never fatal
-                save_evaluation(self._history_file.path.with_name(LAST_EVALUATION_NAME), result.as_record(), result.hits)
-            except Exception as error:
-                logger.warning("IRSMonitor: could not save %s: %s", LAST_EVALUATION_NAME, error)
+                top = top[result.hits[top] > 1].tolist()
+            record = result.as_record()
+            self._tracker.log_scalars(record)
+            # display work (histogram, PNG encoding, figure, the saved evaluation) runs on the
+            # background thread: the training loop does not wait for it
+            self._background.submit(self._log_display, record, result.hits, samples, top)
             spent = time.perf_counter() - t_end
             result.timing["logging"] = spent
             result.timing["monitor"] += spent
@@ -637,6 +639,29 @@ class IRSMonitor:
         logger.info("IRSMonitor step %s: %s (%s) after %d/%d samples; N_learned=%d, k_min=%d, IRS_inf=%s, adjusted=%s",
                     result.step, result.verdict, result.rule, result.samples_used, result.budget, result.n_learned,
                     result.k_min, result.estimate, "n/a" if result.adjusted is None else f"{result.adjusted:.3f}")
+
+    def _log_display(self, record: dict, hits: torch.Tensor, samples, top) -> None:
+        """TensorBoard summaries and ``irs_last_evaluation.safetensors`` of one evaluation (runs on
+        the background thread unless strict)."""
+        over = None
+        if top:
+            try:
+                over = self._train_images(top)
+            except Exception as error:  # a display nicety: never fail the evaluation for it
+                logger.warning("IRSMonitor: could not load over-retrieved training images: %s", error)
+        try:
+            self._tracker.log_display(record, hits=hits.numpy(), samples=samples, over_retrieved=over)
+        except Exception as error:
+            if self.strict:
+                raise
+            hint = ("; call monitor.close() before accelerator.end_training()"
+                    if "closed" in str(error).lower() else "")  # the writer was closed under us
+            logger.warning("IRSMonitor: TensorBoard histogram/images of step %s not logged: %r%s",
+                           record["step"], error, hint)
+        try:  # hits per training image, for `irs report --evaluation`; a display aid, never fatal
+            save_evaluation(self._history_file.path.with_name(LAST_EVALUATION_NAME), record, hits)
+        except Exception as error:
+            logger.warning("IRSMonitor: could not save %s: %s", LAST_EVALUATION_NAME, error)
 
     def _prune(self) -> None:
         self._prune_pending = False
@@ -686,9 +711,10 @@ class IRSMonitor:
             self._ensure_outputs()
 
     def close(self) -> None:
-        """Prune once more and flush the logs (optional; e.g. at the end of training)."""
+        """Prune once more, wait for the background logging and flush the logs (at the end of training)."""
         if self.prune_mode is not None:
             self._prune()
+        self._background.close()
         if self._tracker is not None:
             self._tracker.close()
 

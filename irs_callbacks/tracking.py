@@ -8,8 +8,8 @@ TensorBoard tags (all under ``irs/``; the step is the training step of the evalu
   ``irs/adjusted_lower``, ``irs/adjusted_upper`` (divided by IRS_inf of real data),
   ``irs/n_learned``, ``irs/k_min``, ``irs/samples_used``, ``irs/n_invalid``, ``irs/verdict``
   (1 = pass, 0 = reject), ``irs/time_sampling``, ``irs/time_features``, ``irs/time_monitor``
-  (seconds; ``time_monitor`` here excludes the TensorBoard logging itself, the history file's
-  ``timing.monitor`` includes it);
+  (seconds; ``time_monitor`` here excludes the logging itself, the history file's
+  ``timing.monitor`` includes its part on the training loop's thread);
 - custom scalars: chart "Margin" (``irs/estimate`` with band ``irs/lower``..``irs/upper``) and
   "Adjusted margin";
 - histogram ``irs/hits``: how many samples retrieved each training image;
@@ -17,19 +17,28 @@ TensorBoard tags (all under ``irs/``; the step is the training step of the evalu
   retrieved training images), ``irs/curve`` (N_learned against samples drawn, with the ideal
   curve of Eq. 2, the curve expected at the target diversity, and the rejection threshold).
 
-History file: see :data:`HISTORY_SCHEMA`.
+The scalars and the history line are written in the training loop; the histogram, the images
+and the saved evaluation are drawn and encoded on one background thread (:class:`BackgroundWork`)
+so that the loop does not wait for them. History file: see :data:`HISTORY_SCHEMA`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HistoryFile", "read_history", "save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME", "TensorBoardLogger", "HISTORY_SCHEMA", "SCALAR_TAGS"]
+__all__ = ["HistoryFile", "read_history", "save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME",
+           "TensorBoardLogger", "BackgroundWork", "HISTORY_SCHEMA", "SCALAR_TAGS"]
+
+logger = logging.getLogger(__name__)
 
 HISTORY_SCHEMA = """\
 One JSON object per line, one line per evaluation, in order of training step:
@@ -56,7 +65,9 @@ One JSON object per line, one line per evaluation, in order of training step:
   seed          int    sampling seed of the evaluation
   timing        dict   seconds: sampling, features, monitor (everything else: retrieval +
                        statistics + logging), total; parts of monitor: retrieval (search,
-                       gather, learned-set update, decision), logging (TensorBoard + history)
+                       gather, learned-set update, decision), logging (scalars + history; the
+                       histogram, images, figure and saved evaluation run on a background
+                       thread, see BackgroundWork, and are not in these timings)
   curve         list   [[samples drawn, N_learned], ...] after each batch
 """
 
@@ -165,9 +176,13 @@ class TensorBoardLogger:
         return cls(SummaryWriter(log_dir=str(log_dir)), **kwargs)
 
     def log(self, record: dict, *, hits=None, samples=None, over_retrieved=None) -> None:
-        """Log one evaluation: ``record`` (history schema), per-training-image ``hits`` (1-D),
-        ``samples`` (a few generated images, NCHW in [0, 1]) and ``over_retrieved`` (training
-        images, NCHW in [0, 1])."""
+        """Log one evaluation: :meth:`log_scalars` then :meth:`log_display`."""
+        self.log_scalars(record)
+        self.log_display(record, hits=hits, samples=samples, over_retrieved=over_retrieved)
+
+    def log_scalars(self, record: dict) -> None:
+        """The scalars of ``record`` (history schema) to the sinks and the writer, and the margin
+        layout once. Cheap (well under a millisecond per tag): the monitor calls it in the loop."""
         step = int(record["step"])
         scalars = scalars_of(record)
         for sink in self.scalar_sinks:
@@ -181,6 +196,14 @@ class TensorBoardLogger:
         if self.write_scalars:
             for tag, value in scalars.items():
                 w.add_scalar(tag, value, step)
+
+    def log_display(self, record: dict, *, hits=None, samples=None, over_retrieved=None) -> None:
+        """The histogram of per-training-image ``hits`` (1-D), grids of ``samples`` (a few generated
+        images, NCHW in [0, 1]) and ``over_retrieved`` (training images, NCHW in [0, 1]) and the
+        curve figure: PNG encoding and drawing, so the monitor runs it on its background thread."""
+        w, step = self.writer, int(record["step"])
+        if w is None:
+            return
         if hits is not None and len(hits) > 0:
             w.add_histogram("irs/hits", np.asarray(hits, dtype=np.float64), step)
         if self.images:
@@ -215,6 +238,63 @@ class TensorBoardLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+
+
+class BackgroundWork:
+    """Runs display work (TensorBoard summaries, the saved evaluation) on one worker thread, in the
+    order submitted, so that the training loop does not wait for PNG encoding and file writes.
+
+    A failing job is logged as a warning and never reaches the training loop; with
+    ``inline=True`` (the monitor's strict mode) every job runs at once in the caller and raises
+    there. :meth:`flush` waits until everything submitted has run; pending jobs also finish
+    before the interpreter exits. ``seconds`` is the time the jobs took (worker thread).
+    """
+
+    def __init__(self, *, inline: bool = False, name: str = "irs-logging"):
+        self.inline, self.name = inline, name
+        self.seconds = 0.0
+        self._executor = None  # started with the first job (again after close)
+        self._pending = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        """Run ``fn(*args, **kwargs)`` in the background (now, with ``inline``)."""
+        if self.inline:
+            self._timed(fn, args, kwargs)
+            return
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._executor.submit(self._guarded, fn, args, kwargs))
+
+    def flush(self) -> None:
+        """Wait for every job submitted so far."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Finish the pending jobs and stop the worker thread."""
+        self.flush()
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def _timed(self, fn, args, kwargs):
+        t0 = time.perf_counter()
+        try:
+            fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _guarded(self, fn, args, kwargs):
+        try:
+            self._timed(fn, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - a display problem must never stop training
+            logger.warning("IRSMonitor: background logging (%s) failed: %r", getattr(fn, "__name__", fn), error)
 
 
 def curve_figure(record: dict, fig=None):

@@ -159,3 +159,65 @@ def test_curve_figure_and_sinks():
     TensorBoardLogger(None, scalar_sinks=[lambda values, step: got.append((step, values))]).log(record)
     assert got[0][0] == 3 and got[0][1]["irs/verdict"] == 0.0 and "irs/adjusted" not in got[0][1]
     assert got[0][1]["irs/time_sampling"] == 1.0
+
+
+def test_background_work_runs_in_order_off_the_caller_and_survives_failures(caplog):
+    import logging
+    import threading
+
+    from irs_callbacks.tracking import BackgroundWork
+
+    work, release, seen = BackgroundWork(), threading.Event(), []
+
+    def job(i):
+        assert release.wait(10)  # blocks the worker until the caller goes on: submit must not wait
+        seen.append((i, threading.current_thread() is threading.main_thread()))
+
+    def broken():
+        raise OSError("disk full (simulated)")
+
+    with caplog.at_level(logging.WARNING, logger="irs_callbacks.tracking"):
+        for i in range(3):
+            work.submit(job, i)
+        work.submit(broken)
+        work.submit(job, 3)
+        assert seen == []  # nothing ran yet: the worker is still waiting for `release`
+        release.set()
+        work.flush()
+    assert seen == [(0, False), (1, False), (2, False), (3, False)]  # in order, none on the caller's thread
+    assert "disk full" in caplog.text and work.seconds > 0
+    work.close()
+    work.submit(job, 4)  # usable again after close (a new worker)
+    work.close()
+    assert seen[-1] == (4, False)
+
+    inline = BackgroundWork(inline=True)  # strict mode: run now, in the caller, and raise there
+    inline.submit(job, 5)
+    assert seen[-1] == (5, True)
+    with pytest.raises(OSError, match="disk full"):
+        inline.submit(broken)
+
+
+def test_monitor_logging_failures_warn_unless_strict(tmp_path, caplog):
+    import logging
+
+    x, _ = digits()
+
+    def failing_log(*args, **kwargs):
+        raise OSError("event file not writable (simulated)")
+
+    kwargs = dict(train_data=x[TRAIN], extractor=pixels, num_samples=120, batch_size=60, log_dir=tmp_path,
+                  progress=False, every_n_steps=10)
+    m = IRSMonitor(**kwargs)
+    m._ensure_reference()
+    m._tracker.log_display = failing_log
+    with caplog.at_level(logging.WARNING):
+        assert m.step(10, sampler=PoolSampler(HELD, replace=False)) is False
+        m.close()
+    assert "not writable" in caplog.text
+    assert [r["step"] for r in read_history(m.history_file)] == [10]  # the evaluation itself is recorded
+    strict = IRSMonitor(**kwargs, strict=True)
+    strict._ensure_reference()
+    strict._tracker.log_display = failing_log
+    with pytest.raises(OSError, match="not writable"):
+        strict.step(10, sampler=PoolSampler(HELD, replace=False))
