@@ -458,6 +458,7 @@ class IRSMonitor:
         if self.adjust:  # the real reference at the first rounds' sample counts (real_at caches them)
             for n in range(self.batch_size, min(test.budget, _PRECOMPUTED_ROUNDS * self.batch_size) + 1, self.batch_size):
                 bank.real_at(n)
+        self._feature_bank.search(self._feature_bank.features[: self.batch_size])  # first-call costs (BLAS, cuBLAS)
         self._ensure_outputs()  # writers, imports, the static part of the curve figure
         if self._tracker is not None:
             self._tracker.warm_up({"n_train": bank.n_train, "budget": test.budget, "k_min": int(test.k_min),

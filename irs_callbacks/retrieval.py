@@ -26,11 +26,13 @@ import math
 import numpy as np
 import torch
 
+from ._rounding import F32_UNIT_ROUNDOFF, gamma
+
 __all__ = ["FeatureBank", "LearnedSet", "DISTANCES", "BACKENDS", "faiss_available"]
 
 DISTANCES = ("euclidean", "cosine")
 BACKENDS = ("auto", "torch", "faiss")
-_U32 = 2.0 ** -24  # unit round-off of float32
+_U32 = F32_UNIT_ROUNDOFF
 _EXTRA_CANDIDATES = 15  # candidates screened beyond k before the exact re-rank
 
 
@@ -221,10 +223,10 @@ class FeatureBank:
     def _tolerance(self, qn: torch.Tensor, faiss: bool = False) -> torch.Tensor:
         """Rigorous bound on |screened key - exact key| (float32 expanded form), per query."""
         d = self.dim
-        gamma = d * _U32 / (1 - d * _U32)
-        rel = gamma + 8 * _U32
+        g = gamma(d)  # d-term float32 dot product
+        rel = g + 8 * _U32
         if faiss:
-            rel = 2 * gamma + 16 * _U32  # faiss also computes the norms in float32
+            rel = 2 * g + 16 * _U32  # faiss also computes the norms in float32
         if self.device.type == "cuda":
             if self.dtype == torch.float16:
                 rel += 2.0 ** -10  # queries rounded to float16 for the half-precision product

@@ -1,5 +1,8 @@
 """Metrics against reference packages (torchmetrics, prdc, vendi-score) and direct float64 sums."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -58,13 +61,108 @@ def test_prdc_matches_package_exactly(data, k, request, capsys):
     assert ours == {key: float(value) for key, value in ref.items()}
 
 
-def test_prdc_float32_and_duplicates_match_package():
+def duplicates_float32():
     rng = np.random.default_rng(1)
     real = rng.normal(size=(300, 16)).astype(np.float32)
     real[50:55] = real[0]  # duplicated reals: radius 0 balls contain nothing (strict <)
     fake = np.concatenate([rng.normal(size=(250, 16)), real[:20]]).astype(np.float32)
-    ref = prdc_pkg.compute_prdc(real.astype(np.float64), fake.astype(np.float64), 5)
-    assert M.prdc(real, fake, 5) == {key: float(value) for key, value in ref.items()}
+    return real, fake
+
+
+def reference_prdc(real, fake, k):
+    ref = prdc_pkg.compute_prdc(real.astype(np.float64), fake.astype(np.float64), k)
+    return {key: float(value) for key, value in ref.items()}
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_prdc_float32_and_duplicates_match_package(k, capsys):
+    real, fake = duplicates_float32()
+    assert M.prdc(real, fake, k) == reference_prdc(real, fake, k)
+
+
+def far_from_origin():
+    """float32 features whose norms dwarf their distances: the float32 screen cannot order neighbours."""
+    rng = np.random.default_rng(2)
+    offset = rng.normal(size=16) * 300
+    return tuple((rng.normal(size=(n, 16)) + offset).astype(np.float32) for n in (200, 150))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_prdc_integer_and_float32_inputs_match_package(digits, gaussian, k, capsys):
+    real, fake = digits
+    assert M.prdc(real.astype(np.int64), fake.astype(np.uint8), k) == reference_prdc(real, fake, k)
+    for real, fake in ([x.astype(np.float32) for x in gaussian], far_from_origin()):
+        assert M.prdc(real, fake, k) == reference_prdc(real, fake, k)
+
+
+def test_prdc_float64_is_not_rounded_to_float32(capsys):
+    # fake 1 - 1e-12 lies inside the real ball of radius 1 around 0 only in float64
+    real = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [10.0, 3.0]])
+    fake = np.array([[1 - 1e-12, 0.0], [-20.0, 0.0], [-20.0, 5.0]])
+    assert np.float32(fake[0, 0]) == 1.0
+    ours = M.prdc(real, fake, 1)
+    assert ours == reference_prdc(real, fake, 1)
+    assert ours["precision"] == pytest.approx(1 / 3)
+
+
+def test_prdc_does_not_depend_on_scale(capsys):
+    real, fake = far_from_origin()
+    real, fake = real.astype(np.float64), fake.astype(np.float64)
+    expected = reference_prdc(real, fake, 3)
+    for scale in (2.0 ** 90, 2.0 ** -90):  # exact scalings, beyond float32's range for squared distances
+        assert M.prdc(real * scale, fake * scale, 3) == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [16, 256])
+def test_screen_error_is_within_its_bound(dtype, d):
+    rng = np.random.default_rng(d)
+    x = (rng.normal(size=(80, d)) + rng.normal(size=d) * 50).astype(dtype)
+    y = (rng.normal(size=(60, d)) * 3 + rng.normal(size=d) * 50).astype(dtype)
+    sx, sy = M._ScreenedSet(x, np.float32, M._sqnorms(x)), M._ScreenedSet(y, np.float32, M._sqnorms(y))
+    screened = sx.keys(0, 80, sy, 0, 60, np.empty(80 * 60, np.float32)) + sx.sqnorms_screen[:, None]
+    exact = ((x[:, None].astype(np.float64) - y[None]) ** 2).sum(-1)
+    error = np.abs(screened.astype(np.float64) - exact)
+    tol = sx.tolerance(sx.sqnorms, sy.sqnorm_max)[:, None]
+    assert (error <= tol).all()
+    assert error.max() > 1e-4 * tol.max()  # the screen does round: the bound is exercised
+
+
+@pytest.mark.parametrize("data", ["digits", "duplicates"])
+def test_prdc_numpy_and_torch_paths_agree(data, request, monkeypatch):
+    real, fake = request.getfixturevalue(data) if data == "digits" else duplicates_float32()
+    numpy_values = M.prdc(real, fake, 3)
+
+    def refuse(path):
+        def fail(*args):
+            raise AssertionError(f"this call must not take the {path} path")
+        return fail
+
+    with monkeypatch.context() as patch:  # CPU tensors: numpy, on the free .numpy() view
+        patch.setattr(M, "_prdc_torch", refuse("torch"))
+        assert M.prdc(torch.from_numpy(real), torch.from_numpy(fake), 3) == numpy_values
+    monkeypatch.setattr(M, "_prdc_numpy", refuse("numpy"))  # an explicit backend: FeatureBank
+    assert M.prdc(torch.from_numpy(real), torch.from_numpy(fake), 3, backend="torch") == numpy_values
+    assert M.prdc(real, fake, 3, backend="torch") == numpy_values
+
+
+@pytest.mark.parametrize("block_size, block_elements", [(1, 2 ** 22), (7, 35), (64, 64 * 9)])
+def test_prdc_blocks_do_not_change_the_result(block_size, block_elements, monkeypatch, capsys):
+    real, fake = duplicates_float32()
+    sets = [(real[:130], fake[-110:]), far_from_origin()]  # duplicates, fakes equal to reals; near-ties
+    monkeypatch.setattr(M, "PRDC_BLOCK_ELEMENTS", block_elements)  # tiles of block_size x (this / block_size)
+    for real, fake in sets:
+        for k in (1, 5):
+            assert M.prdc(real, fake, k, block_size=block_size) == reference_prdc(real, fake, k)
+
+
+def test_numpy_inputs_do_not_import_torch():
+    code = ("import sys, numpy as np; import irs_callbacks.metrics as M; rng = np.random.default_rng(0); "
+            "r, f = rng.normal(size=(60, 8)), rng.normal(size=(50, 8)).astype(np.float32); "
+            "M.prdc(r, f, 3); M.compute_metrics(r, f, k=3, kid_subsets=2, kid_subset_size=20); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("data", ["digits", "gaussian"])
@@ -115,5 +213,37 @@ def test_input_validation():
         M.compute_metrics(x, bad, metrics=("fid",))
     with pytest.raises(ValueError, match="unknown metric"):
         M.compute_metrics(x, x, metrics=("is",))
-    with pytest.raises(ValueError, match="at least 6 rows"):
+    with pytest.raises(ValueError, match="real_features needs at least 6 rows"):
         M.prdc(np.random.rand(5, 3), np.random.rand(9, 3), k=5)
+
+
+@pytest.mark.parametrize("to", [np.asarray, torch.from_numpy])
+def test_prdc_input_errors_name_the_argument(to):
+    x = np.random.default_rng(0).normal(size=(20, 4))
+    with pytest.raises(ValueError, match=r"fake_features must have shape \[N, d\]"):
+        M.prdc(to(x), to(x[None]), 3)
+    with pytest.raises(ValueError, match="real_features have dimension 4 but fake_features have 3"):
+        M.prdc(to(x), to(x[:, :3].copy()), 3)
+    bad = x.copy()
+    bad[2, 1], bad[7, 3] = np.inf, np.nan
+    with pytest.raises(ValueError, match=r"real_features has 2 rows with NaN/inf \(first \[2, 7\]\)"):
+        M.prdc(to(bad), to(x), 3)
+    with pytest.raises(ValueError, match=r"fake_features needs at least 21 rows \(k \+ 1 for k = 20\), got 20"):
+        M.prdc(to(np.concatenate([x, x])), to(x), 20)
+    for k in (0, 2.5, None, "3"):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            M.prdc(to(x), to(x), k)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        M.prdc(to(x), to(x), 3, block_size=0)
+    with pytest.raises(TypeError, match="real_features must be"):
+        M.prdc(x.tolist(), x, 3)
+    with pytest.raises(TypeError, match="real numbers"):
+        M.prdc(x > 0, x, 3)
+
+
+def test_tensors_give_the_same_fid_kid_vendi(gaussian):
+    real, fake = gaussian
+    tensors = torch.from_numpy(real), torch.from_numpy(fake).float()
+    assert M.fid(*tensors) == M.fid(real, fake.astype(np.float32))
+    assert M.kid(*tensors, subsets=3, subset_size=50) == M.kid(real, fake.astype(np.float32), subsets=3, subset_size=50)
+    assert M.vendi(tensors[0].to(torch.bfloat16)) == M.vendi(tensors[0].to(torch.bfloat16).float().numpy())
