@@ -282,7 +282,7 @@ class IRSMonitor:
         self._extractor = None
         self._train_images = None  # callable: bank rows -> images in [0, 1], or None
         self._tracker = None
-        self._background = BackgroundWork(inline=strict)  # TensorBoard images etc. off the training loop
+        self._background = BackgroundWork()  # TensorBoard images etc. off the training loop
         self._history_file = None
         self._pruner = None
         self._resumed_from = None
@@ -624,8 +624,11 @@ class IRSMonitor:
             record = result.as_record()
             self._tracker.log_scalars(record)
             # display work (histogram, PNG encoding, figure, the saved evaluation) runs on the
-            # background thread: the training loop does not wait for it
-            self._background.submit(self._log_display, record, result.hits, samples, top)
+            # background thread, so the training loop does not wait for it; strict: here, raising
+            if self.strict:
+                self._log_display(record, result.hits, samples, top)
+            else:
+                self._background.submit(self._log_display, record, result.hits, samples, top)
             spent = time.perf_counter() - t_end
             result.timing["logging"] = spent
             result.timing["monitor"] += spent

@@ -244,24 +244,20 @@ class BackgroundWork:
     """Runs display work (TensorBoard summaries, the saved evaluation) on one worker thread, in the
     order submitted, so that the training loop does not wait for PNG encoding and file writes.
 
-    A failing job is logged as a warning and never reaches the training loop; with
-    ``inline=True`` (the monitor's strict mode) every job runs at once in the caller and raises
-    there. :meth:`flush` waits until everything submitted has run; pending jobs also finish
-    before the interpreter exits. ``seconds`` is the time the jobs took (worker thread).
+    A failing job is logged as a warning and never reaches the training loop. :meth:`flush`
+    waits until everything submitted has run; pending jobs also finish before the interpreter
+    exits. ``seconds`` is the time the jobs took (worker thread).
     """
 
-    def __init__(self, *, inline: bool = False, name: str = "irs-logging"):
-        self.inline, self.name = inline, name
+    def __init__(self, *, name: str = "irs-logging"):
+        self.name = name
         self.seconds = 0.0
         self._executor = None  # started with the first job (again after close)
         self._pending = []
         self._lock = threading.Lock()
 
     def submit(self, fn, *args, **kwargs) -> None:
-        """Run ``fn(*args, **kwargs)`` in the background (now, with ``inline``)."""
-        if self.inline:
-            self._timed(fn, args, kwargs)
-            return
+        """Run ``fn(*args, **kwargs)`` on the worker thread."""
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
@@ -283,18 +279,14 @@ class BackgroundWork:
         if executor is not None:
             executor.shutdown(wait=True)
 
-    def _timed(self, fn, args, kwargs):
+    def _guarded(self, fn, args, kwargs):
         t0 = time.perf_counter()
         try:
             fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def _guarded(self, fn, args, kwargs):
-        try:
-            self._timed(fn, args, kwargs)
         except Exception as error:  # noqa: BLE001 - a display problem must never stop training
             logger.warning("IRSMonitor: background logging (%s) failed: %r", getattr(fn, "__name__", fn), error)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def curve_figure(record: dict, fig=None):

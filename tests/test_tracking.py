@@ -191,12 +191,6 @@ def test_background_work_runs_in_order_off_the_caller_and_survives_failures(capl
     work.close()
     assert seen[-1] == (4, False)
 
-    inline = BackgroundWork(inline=True)  # strict mode: run now, in the caller, and raise there
-    inline.submit(job, 5)
-    assert seen[-1] == (5, True)
-    with pytest.raises(OSError, match="disk full"):
-        inline.submit(broken)
-
 
 def test_monitor_logging_failures_warn_unless_strict(tmp_path, caplog):
     import logging
