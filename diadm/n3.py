@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from typing import Sequence
 import torch
 
 from irs_callbacks.features import DEFAULT_EXTRACTOR, get_extractor
+from irs_callbacks.files import write_atomic
 from irs_callbacks.retrieval import FeatureBank
 from irs_callbacks.samplers import CallableSampler, Sampler, as_sampler, preserved_training_state, to_image_tensor
 
@@ -196,26 +196,23 @@ class N3RejectionSampler:
         self.seed_fingerprint = state["seed_fingerprint"]
 
     def save(self, path) -> None:
-        """Write the state as safetensors (tensors) + JSON (counters), each replaced atomically."""
+        """Write the state to one ``.safetensors`` file (tensors, with the counters as JSON metadata),
+        replaced atomically: a crash leaves the previous state or the new one, never a mix."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         tensors = {key: state.pop(key) for key in ("best_seed", "best_similarity")}
-        for target, write in (
-            (path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp))),
-            (path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(state))),
-        ):
-            tmp = target.with_name(target.name + ".tmp")
-            write(tmp)
-            os.replace(tmp, target)
+        metadata = {"n3_state": json.dumps(state)}
+        write_atomic(Path(path).with_suffix(".safetensors"),
+                     lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load(self, path) -> "N3RejectionSampler":
         """Restore a state written by :meth:`save` (no pickle involved)."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        path = Path(path)
-        tensors = load_file(str(path.with_suffix(".safetensors")))
-        self.load_state_dict({**tensors, **json.loads(path.with_suffix(".json").read_text())})
+        file = Path(path).with_suffix(".safetensors")
+        with safe_open(str(file), framework="pt") as handle:
+            counters = json.loads((handle.metadata() or {})["n3_state"])
+            tensors = {key: handle.get_tensor(key) for key in ("best_seed", "best_similarity")}
+        self.load_state_dict({**tensors, **counters})
         return self

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from irs_callbacks.validation import check_value_range
+
 __all__ = [
     "DEFAULT_EXTRACTOR",
     "FeatureExtractor",
@@ -182,17 +184,6 @@ def _size_pair(size, name: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
         raise ValueError(f"{name} must be a positive int or a pair (height, width), got {size!r}")
     return pair
-
-
-def check_value_range(value_range) -> tuple[float, float]:
-    """Validate ``value_range`` = (low, high) of float images, finite with low < high."""
-    try:
-        low, high = (float(v) for v in value_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"value_range must be a pair (low, high) such as (0, 1) or (-1, 1), got {value_range!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"value_range must be finite with low < high, e.g. (0, 1) or (-1, 1), got {value_range!r}")
-    return low, high
 
 
 def to_unit_range(images, value_range=(0, 1)) -> torch.Tensor:

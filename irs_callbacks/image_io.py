@@ -34,7 +34,11 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 ARRAY_KEYS = ("images", "x", "arr_0")
-IMAGE_DICT_KEYS = ("image", "images", "img", "pixel_values")
+#: Keys under which dict items / batches hold their images, in order of preference: Hugging Face
+#: ``datasets`` columns (``image``, ``img``), diffusers' ``train_unconditional.py`` (``input``),
+#: the text-to-image and transformers scripts (``pixel_values``), DreamBooth (``instance_images``).
+#: The one list the whole library uses.
+IMAGE_DICT_KEYS = ("image", "images", "img", "input", "pixel_values", "instance_images")
 
 
 def list_image_files(folder) -> list[Path]:

@@ -37,6 +37,7 @@ import sys
 import numpy as np
 
 from ._rounding import F32_TINY, F32_UNIT_ROUNDOFF, F64_TINY, F64_UNIT_ROUNDOFF, screen_tolerance
+from .validation import check_int
 
 __all__ = ["compute_metrics", "fid", "kid", "prdc", "vendi", "METRICS", "PRDC_BLOCK_ROWS", "PRDC_BLOCK_ELEMENTS"]
 
@@ -57,16 +58,6 @@ def _is_tensor(x) -> bool:
 def _bad_rows_error(name: str, rows) -> ValueError:
     return ValueError(f"{name} has {len(rows)} rows with NaN/inf (first {list(rows[:5])}); "
                       "drop them before computing metrics")
-
-
-def _positive_int(value, name: str) -> int:
-    try:
-        ok = not isinstance(value, bool) and int(value) == value and value >= 1
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _as_array(x, name: str, min_rows: int = 1, why: str = "") -> np.ndarray:
@@ -376,8 +367,8 @@ def prdc(real_features, fake_features, k: int = 5, *, device=None, backend: str 
     Returns:
         dict of Python floats ``precision, recall, density, coverage``.
     """
-    k = _positive_int(k, "k")
-    block_size = None if block_size is None else _positive_int(block_size, "block_size")
+    k = check_int(k, "k", 1)
+    block_size = None if block_size is None else check_int(block_size, "block_size", 1)
     on_gpu = [_is_tensor(x) and x.device.type != "cpu" for x in (real_features, fake_features)]
     torch_path = backend != "auto" or (str(device) != "cpu" if device is not None else any(on_gpu))
     if torch_path:

@@ -30,36 +30,16 @@ import json
 import os
 import re
 import shutil
-import secrets
 import time
 from pathlib import Path
+
+from irs_callbacks.files import write_json_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LEDGER_NAME = "irs_pruning_ledger.json"
 PRUNE_MODES = ("rejected", "top_k")
 
-__all__ = ["CheckpointPruner", "CHECKPOINT_PATTERN", "LEDGER_NAME", "write_json_atomic"]
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder + os.replace)."""
-    _atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x") as f:  # a new file with the usual permissions (umask)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["CheckpointPruner", "CHECKPOINT_PATTERN", "LEDGER_NAME"]
 
 
 def _now() -> str:

@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 
 from irs_callbacks import __version__
-from irs_callbacks.features import DEFAULT_EXTRACTOR, check_value_range, extract_features, get_extractor
+from irs_callbacks.files import expand_path, write_atomic
+from irs_callbacks.features import DEFAULT_EXTRACTOR, extract_features, get_extractor
+from irs_callbacks.validation import check_value_range
 from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity
 
 __all__ = ["ReferenceBank", "RetrievalScore", "measure_real", "split_for_real", "FORMAT_VERSION"]
@@ -282,17 +284,14 @@ class ReferenceBank:
         """Write features and metadata to one ``.safetensors`` file (atomically)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
+        path = expand_path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"reference bank files end in .safetensors, got {str(path)!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tensors = {"features": self.features}
         if self.real_nearest is not None:
             tensors["real_nearest"] = self.real_nearest
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.metadata)})
-        os.replace(tmp, path)
-        return path
+        metadata = {METADATA_KEY: json.dumps(self.metadata)}
+        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @staticmethod
     def read_metadata(path) -> dict:

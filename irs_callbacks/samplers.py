@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from irs_callbacks.features import check_value_range
+from irs_callbacks.validation import check_value_range
 
 __all__ = [
     "Sampler",

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import gammaln
 
+from irs_callbacks.validation import check_fraction, check_int, check_probability
+
 __all__ = [
     "EXACT_STIRLING_MAX_N",
     "expected_irs",
@@ -47,35 +49,6 @@ _WINDOW_SIGMAS = 15.0
 _WINDOW_MARGIN = 25
 
 
-# --------------------------------------------------------------------------- argument checks
-
-
-def _count(value, name: str, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum``, or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
-
-
-def _probability(value, name: str) -> float:
-    """``value`` as a float in the open interval (0, 1), or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
-    return float(value)
-
-
-def _fraction(value, name: str) -> float:
-    """``value`` as a float in (0, 1], or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 # --------------------------------------------------------------------------- Eq. 2
 
 
@@ -84,8 +57,8 @@ def expected_irs(n_samples, n_train) -> float:
 
     Eq. 2: ``1 - (1 - 1/N)^n``, a fraction of ``n_train``.
     """
-    n = _count(n_samples, "n_samples")
-    big_n = _count(n_train, "n_train", 1)
+    n = check_int(n_samples, "n_samples")
+    big_n = check_int(n_train, "n_train", 1)
     return float(-math.expm1(n * math.log1p(-1.0 / big_n))) if big_n > 1 else float(n > 0)
 
 
@@ -182,7 +155,7 @@ def log_stirling2(n, k):
     the closed forms at k = 1, 2, n - 1, n. Returns ``-inf`` where S2(n, k) = 0 (k > n, or k = 0 < n);
     a float for a scalar ``k``, else an array of ``k``'s shape.
     """
-    n = _count(n, "n")
+    n = check_int(n, "n")
     k_arr = np.asarray(k)
     if k_arr.size and (k_arr.dtype.kind not in "iu" and not np.all(np.mod(k_arr, 1) == 0)):
         raise ValueError(f"k must hold non-negative integers, got {k!r}")
@@ -242,7 +215,7 @@ def log_pmf_distinct(k, n_samples, s):
     Vectorised over ``k`` and ``s`` (broadcast together). ``s`` may be real (>= 1): the falling
     factorial is taken through the gamma function. Returns ``-inf`` for impossible ``k``.
     """
-    n = _count(n_samples, "n_samples")
+    n = check_int(n_samples, "n_samples")
     s_arr = np.asarray(s, dtype=float)
     if s_arr.size and (not np.all(np.isfinite(s_arr)) or s_arr.min() < 1):
         raise ValueError(f"s must be >= 1, got {s!r}")
@@ -360,10 +333,10 @@ def irs_infinity(n_learned, n_samples, n_train, alpha_e=0.05) -> IRSEstimate:
     ``P(K >= k | n, s) > alpha_e``; upper bound: the largest s <= N with ``P(K <= k | n, s) > alpha_e``
     (SPEC.md). If even s = N makes k implausibly large, all three are N.
     """
-    n = _count(n_samples, "n_samples", 1)
-    big_n = _count(n_train, "n_train", 1)
-    k = _count(n_learned, "n_learned", 1)
-    alpha = _probability(alpha_e, "alpha_e")
+    n = check_int(n_samples, "n_samples", 1)
+    big_n = check_int(n_train, "n_train", 1)
+    k = check_int(n_learned, "n_learned", 1)
+    alpha = check_probability(alpha_e, "alpha_e")
     if k > n:
         raise ValueError(f"n_learned ({k}) cannot exceed n_samples ({n})")
     if k > big_n:
@@ -424,9 +397,9 @@ def adjusted_irs(synthetic, real) -> float:
 
 def _target_diversity(n_train, target_irs, real_irs) -> tuple[int, float]:
     """(N, s_d) with s_d = target_irs * real_irs * N (SPEC.md: the target is relative to real data)."""
-    big_n = _count(n_train, "n_train", 1)
-    target = _fraction(target_irs, "target_irs")
-    scale = 1.0 if real_irs is None else _fraction(real_irs, "real_irs")
+    big_n = check_int(n_train, "n_train", 1)
+    target = check_fraction(target_irs, "target_irs")
+    scale = 1.0 if real_irs is None else check_fraction(real_irs, "real_irs")
     s_d = target * scale * big_n
     if s_d < 1:
         raise ValueError(
@@ -445,8 +418,8 @@ def rejection_threshold(n_train, target_irs, n_samples, alpha_e=0.05, *, real_ir
     Returns 0 when no count is rare enough at this budget (nothing can be rejected).
     """
     _, s_d = _target_diversity(n_train, target_irs, real_irs)
-    n = _count(n_samples, "n_samples", 1)
-    alpha = _probability(alpha_e, "alpha_e")
+    n = check_int(n_samples, "n_samples", 1)
+    alpha = check_probability(alpha_e, "alpha_e")
     return _Occupancy(n).quantile_below(s_d, alpha)
 
 
@@ -498,13 +471,13 @@ class SequentialRejectionTest:
         self.n_train, self.s_d = _target_diversity(n_train, target_irs, real_irs)
         self.target_irs = float(target_irs)
         self.real_irs = None if real_irs is None else float(real_irs)
-        self.budget = _count(budget, "budget", 1)
-        self.alpha_e = _probability(alpha_e, "alpha_e")
+        self.budget = check_int(budget, "budget", 1)
+        self.alpha_e = check_probability(alpha_e, "alpha_e")
         self.interim_alpha = self.alpha_e / 5 if interim_alpha is None else float(interim_alpha)
         if not 0.0 <= self.interim_alpha < self.alpha_e:
             raise ValueError(f"interim_alpha must be in [0, alpha_e), got {interim_alpha!r}")
-        max_looks = _count(max_looks, "max_looks", 1)
-        step = self.budget // (max_looks + 1) if look_every is None else _count(look_every, "look_every", 1)
+        max_looks = check_int(max_looks, "max_looks", 1)
+        step = self.budget // (max_looks + 1) if look_every is None else check_int(look_every, "look_every", 1)
         looks = np.arange(max(step, 1), self.budget, max(step, 1))
         if looks.size > max_looks:  # keep max_looks of them, evenly spread, the last one included
             looks = looks[np.linspace(0, looks.size - 1, max_looks).round().astype(int)]
@@ -517,8 +490,8 @@ class SequentialRejectionTest:
 
     def decide(self, n_drawn, n_learned) -> Decision:
         """Verdict after ``n_drawn`` samples (invalid ones included) with ``n_learned`` retrieved."""
-        m = _count(n_drawn, "n_drawn")
-        k = _count(n_learned, "n_learned")
+        m = check_int(n_drawn, "n_drawn")
+        k = check_int(n_learned, "n_learned")
         if k > m:
             raise ValueError(f"n_learned ({k}) cannot exceed n_drawn ({m})")
         if m >= self.budget:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from irs_callbacks.files import write_atomic, write_text_atomic
+
 __all__ = ["HistoryFile", "read_history", "save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME",
            "TensorBoardLogger", "BackgroundWork", "HISTORY_SCHEMA", "SCALAR_TAGS"]
 
@@ -100,8 +102,7 @@ class HistoryFile:
 
     def rewrite(self, records) -> None:
         """Replace the whole file by ``records`` atomically (used after a resume)."""
-        from irs_callbacks.pruning import _atomic_write_text
-        _atomic_write_text(self.path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records))
+        write_text_atomic(self.path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records))
 
     def read(self) -> list[dict]:
         return read_history(self.path)
@@ -411,11 +412,9 @@ def save_evaluation(path, record: dict, hits) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     hits = torch.as_tensor(np.asarray(hits), dtype=torch.int64).flatten().contiguous()
-    save_file({"hits": hits}, str(path), metadata={"record": json.dumps(_jsonable(record))})
-    return path
+    metadata = {"record": json.dumps(_jsonable(record))}
+    return write_atomic(path, lambda tmp: save_file({"hits": hits}, str(tmp), metadata=metadata))
 
 
 def load_evaluation(path) -> tuple[dict, np.ndarray]:

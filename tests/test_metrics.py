@@ -231,9 +231,9 @@ def test_prdc_input_errors_name_the_argument(to):
     with pytest.raises(ValueError, match=r"fake_features needs at least 21 rows \(k \+ 1 for k = 20\), got 20"):
         M.prdc(to(np.concatenate([x, x])), to(x), 20)
     for k in (0, 2.5, None, "3"):
-        with pytest.raises(ValueError, match="k must be a positive integer"):
+        with pytest.raises(ValueError, match="k must be an integer >= 1"):
             M.prdc(to(x), to(x), k)
-    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
         M.prdc(to(x), to(x), 3, block_size=0)
     with pytest.raises(TypeError, match="real_features must be"):
         M.prdc(x.tolist(), x, 3)

@@ -3,7 +3,6 @@ distribution of the number of distinct draws (a Markov chain in exact rationals)
 worked numbers, and properties."""
 
 import math
-import signal
 import subprocess
 import sys
 from fractions import Fraction
@@ -299,34 +298,25 @@ def test_bad_arguments_raise_value_error_naming_them(call, name):
         call()
 
 
-def test_no_input_runs_long():
-    """Edges that hang the published implementation return at once (guarded by an alarm)."""
-
-    def timeout(*_):
-        raise TimeoutError("a statistics call ran for more than 30 s")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(30)
-    try:
-        for k, n, big_n in [
-            (1, 50_000, 1_281_166),
-            (50_000, 50_000, 1_281_166),
-            (1_281_166, 5_000_000, 1_281_166),
-            (1, 1, 10**9),
-            (10**6, 10**6, 10**9),
-            (1, 10**7, 10**9),
-            (999_999, 10**7, 10**6),
-        ]:
-            r = irs_infinity(k, n, big_n)
-            assert r.lower <= r.estimate <= r.upper
-        assert irs_infinity(1_281_166, 5_000_000, 1_281_166).estimate == 1.0
-        assert irs_infinity(1, 50_000, 1_281_166).estimate == 1 / 1_281_166
-        for target in (1e-6, 0.5, 1.0):
-            rejection_threshold(1_281_166, target, 10**6)
-        SequentialRejectionTest(1_281_166, 0.8, 10**6, look_every=1)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+def test_extreme_inputs_give_ordered_answers():
+    """Edges that hang the published implementation return (pytest-timeout guards the run) with
+    ordered bounds and the exact values at the extremes."""
+    for k, n, big_n in [
+        (1, 50_000, 1_281_166),
+        (50_000, 50_000, 1_281_166),
+        (1_281_166, 5_000_000, 1_281_166),
+        (1, 1, 10**9),
+        (10**6, 10**6, 10**9),
+        (1, 10**7, 10**9),
+        (999_999, 10**7, 10**6),
+    ]:
+        r = irs_infinity(k, n, big_n)
+        assert r.lower <= r.estimate <= r.upper
+    assert irs_infinity(1_281_166, 5_000_000, 1_281_166).estimate == 1.0
+    assert irs_infinity(1, 50_000, 1_281_166).estimate == 1 / 1_281_166
+    for target in (1e-6, 0.5, 1.0):
+        rejection_threshold(1_281_166, target, 10**6)
+    SequentialRejectionTest(1_281_166, 0.8, 10**6, look_every=1)
 
 
 # ----------------------------------------------------------------------------- sequential decision
