@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from irs_callbacks import IRSMonitor
+from irs_callbacks import IRSMonitor, MonitorOptions, PipelineSampler, ReferenceConfig
 from irs_callbacks.samplers import Sampler
 
 
@@ -70,11 +70,11 @@ def main():
     extractor_options = {"input_size": args.extractor_input_size} if args.extractor_input_size else {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        monitor = IRSMonitor(train_data=x[train], extractor=args.extractor, extractor_options=extractor_options,
+        monitor = IRSMonitor(reference=ReferenceConfig(train_data=x[train], extractor=args.extractor,
+                                                       extractor_options=extractor_options, progress=False),
                              num_samples=args.budget, batch_size=args.batch_size, target_irs=args.target_irs,
-                             num_inference_steps=args.num_inference_steps, log_dir=tmp, progress=False,
-                             log_images=not args.no_images)
-        bank = monitor._ensure_reference()
+                             log_dir=tmp, options=MonitorOptions(log_images=not args.no_images))
+        bank = monitor.prepare()
         print(f"reference bank: N_train={bank.n_train}, real IRS_inf={bank.real}, built in "
               f"{time.perf_counter() - t0:.1f} s ({args.extractor}, input {args.extractor_input_size})")
 
@@ -94,15 +94,15 @@ def main():
 
         print(f"\n1. time split of one evaluation (budget {args.budget}, rounds of {args.batch_size}, "
               f"{args.num_inference_steps} DDIM steps; mean of {args.repeats} after a warm-up):")
-        for name, sampler in [("(a) example UNet (untrained)", pipe),
+        for name, sampler in [("(a) example UNet (untrained)", PipelineSampler(pipe, num_inference_steps=args.num_inference_steps)),
                               ("(b) diverse, same sampling cost", DiverseAtPipelineCost(x[held], False))]:
             monitor.evaluate(sampler, step=0)  # warm-up
             rows, background = [], 0.0
             for r in range(args.repeats):
                 rows.append(monitor.evaluate(sampler, step=r + 1))
-                before = monitor._background.seconds
-                monitor._background.flush()  # TensorBoard images etc., run on the worker thread
-                background += (monitor._background.seconds - before) / args.repeats
+                before = monitor.display_seconds
+                monitor.flush()  # TensorBoard images etc., run on the worker thread
+                background += (monitor.display_seconds - before) / args.repeats
             t = {k: sum(r.timing[k] for r in rows) / len(rows) for k in rows[0].timing}
             used = rows[-1].samples_used
             print(f"   {name}: {rows[-1].verdict} after {used} samples, {t['total']:.3f} s per evaluation")

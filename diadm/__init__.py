@@ -22,6 +22,7 @@ _LAZY = {
     "PseudoLabelDataset": "dataset",
     "DiADMPipeline": "pipeline",
     "DiADMFeatureBank": "pipeline",
+    "DiADMSampler": "sampler",
     "conditional_forward": "conditioning",
     "drop_conditions": "conditioning",
     "check_features": "conditioning",

@@ -83,6 +83,14 @@ class DiADMPipeline(DiffusionPipeline):
         self.reset_cycle()
         self.last_condition_indices = None
 
+    def as_irs_sampler(self, **options):
+        """The sampler protocol of ``irs_callbacks.samplers.as_sampler``: a
+        :class:`~diadm.sampler.DiADMSampler` over this pipeline (conditions fixed per global sample
+        index); ``options`` as for ``DiADMSampler``."""
+        from .sampler import DiADMSampler
+
+        return DiADMSampler(self, **options)
+
     # -- conditions --------------------------------------------------------------------------------------------
     def reset_cycle(self, seed: int = 0) -> None:
         """Restart the "cycle" strategy: permutation ``k`` of the bank is drawn with seed ``seed + k``."""

@@ -69,7 +69,7 @@ def train(dataset, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
                                          generator=torch.Generator().manual_seed(seed))
     pipeline = DiADMPipeline(model, DDIMScheduler.from_config(noise_scheduler.config), dataset.bank.features)
     pipeline.set_progress_bar_config(disable=True)
-    sampler = pipeline
+    sampler = pipeline.as_irs_sampler(num_inference_steps=25)  # conditions fixed per sample index
     if unconditional:  # the unconditional model samples under the zero condition
         def sampler(n, generator):
             zeros = torch.zeros(n, dataset.feature_dim)
@@ -138,13 +138,12 @@ def main(argv=None):
 
     monitor = None
     if not args.no_monitor:
-        from irs_callbacks import IRSMonitor
+        from irs_callbacks import IRSMonitor, MonitorOptions, ReferenceConfig
 
         monitor = IRSMonitor(  # IRS: the pseudo-label bank is also the reference bank
-            reference_bank=dataset.bank, extractor=EXTRACTOR, extractor_options=EXTRACTOR_OPTIONS,
+            reference=ReferenceConfig(bank=dataset.bank, extractor=EXTRACTOR, extractor_options=EXTRACTOR_OPTIONS),
             every_n_steps=args.eval_every, start_step=args.eval_every, num_samples=512, batch_size=256,
-            num_inference_steps=None if args.unconditional else 25, log_dir=os.path.join(args.out, "irs"), log_images=False, device="cpu",
-            progress=False)
+            log_dir=os.path.join(args.out, "irs"), options=MonitorOptions(log_images=False, device="cpu"))
 
     pipeline, seconds = train(dataset, steps=args.steps, batch_size=args.batch_size, timesteps=args.timesteps,
                               unconditional=args.unconditional, seed=args.seed, monitor=monitor)

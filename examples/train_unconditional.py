@@ -1,5 +1,5 @@
 """Train an unconditional diffusion model (diffusers UNet2DModel + DDPM) with Accelerate, with the
-diversity monitor IRSMonitor added in three lines (marked ``# IRSMonitor:``).
+diversity monitor IRSMonitor added (its lines are marked ``# IRSMonitor:``).
 
 Default data: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, no download), a
 tiny UNet at 8x8, a few minutes on a laptop CPU. Every ``--checkpointing-steps`` the model is
@@ -35,7 +35,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from irs_callbacks import IRSMonitor
+from irs_callbacks import (CheckpointPruner, IRSMonitor, MonitorOptions, PipelineSampler, ReferenceConfig,
+                           latest_checkpoint)
 
 
 def parse_args(argv=None):
@@ -141,25 +142,23 @@ def main(argv=None):
     accelerator.init_trackers("train_unconditional", config={k: str(v) for k, v in vars(args).items()})
 
     # The sampler the monitor evaluates: DDIM on the (unwrapped) training UNet, few steps.
+    extractor_options = {"input_size": args.extractor_input_size} if args.extractor_input_size else {}
     pipeline = DDIMPipeline(unet=accelerator.unwrap_model(model), scheduler=DDIMScheduler.from_config(noise_scheduler.config))
     monitor = IRSMonitor(  # IRSMonitor: construct
-        pipeline, every_n_steps=args.checkpointing_steps, start_step=args.start_step, num_samples=args.num_samples,
-        batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, ema=ema,
-        target_irs=args.target_irs, patience=args.patience, extractor=args.extractor,
-        extractor_options={"input_size": args.extractor_input_size} if args.extractor_input_size else None,
-        prune=None if args.prune == "none" else args.prune, top_k=args.top_k, dry_run=args.dry_run,
-        output_dir=out, seed=args.seed)
-    monitor.attach(accelerator)  # IRSMonitor: attach (after prepare, before load_state)
+        PipelineSampler(pipeline, num_inference_steps=args.num_inference_steps, ema=ema),
+        reference=ReferenceConfig(extractor=args.extractor, extractor_options=extractor_options),
+        start_step=args.start_step, num_samples=args.num_samples, batch_size=args.eval_batch_size,
+        target_irs=args.target_irs, patience=args.patience, options=MonitorOptions(seed=args.seed),
+        pruner=None if args.prune == "none" else CheckpointPruner(args.prune, top_k=args.top_k, dry_run=args.dry_run))
+    monitor.attach(accelerator, loader)  # IRSMonitor: attach (after prepare, before load_state)
 
     global_step = 0
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
-        if path == "latest":
-            found = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-                           key=lambda p: int(p.name.split("-")[1]))
-            path = str(found[-1]) if found else None
+        if path == "latest":  # the newest checkpoint written whole (an interrupted save is skipped)
+            path = latest_checkpoint(out)
         if path:
-            accelerator.load_state(path)
+            accelerator.load_state(str(path))
             global_step = int(Path(path).name.split("-")[1])
             accelerator.print(f"resumed from {path} at step {global_step}")
 
@@ -191,7 +190,7 @@ def main(argv=None):
                 accelerator.print(f"step {global_step}/{args.train_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
             if global_step % args.checkpointing_steps == 0:
                 accelerator.save_state(str(out / f"checkpoint-{global_step}"))
-            if monitor.step(global_step):  # IRSMonitor: evaluate when due; True = stop (patience)
+            if monitor.step(global_step):  # IRSMonitor: at the end of each step; True = stop (patience)
                 stop = True
             if stop or global_step >= args.train_steps:
                 break
@@ -200,7 +199,7 @@ def main(argv=None):
             break
 
     accelerator.wait_for_everyone()
-    monitor.close()
+    monitor.close()  # IRSMonitor: last checkpoint, pruning, images written before end_training
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(str(out / "unet"))
         for r in monitor.history:

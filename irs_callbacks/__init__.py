@@ -37,13 +37,19 @@ _LAZY = {
     "RetrievalScore": "reference",
     # monitor and what it is made of
     "IRSMonitor": "monitor",
-    "EvaluationResult": "monitor",
+    "MonitorOptions": "monitor",
+    "ReferenceConfig": "reference_setup",
+    "EvaluationEngine": "evaluation",
+    "EvaluationResult": "evaluation",
     "as_sampler": "samplers",
     "Sampler": "samplers",
     "PipelineSampler": "samplers",
     "CallableSampler": "samplers",
     "CheckpointPruner": "pruning",
-    "read_history": "tracking",
+    "read_history": "history",
+    "EvaluationRecord": "history",
+    "EarlyStopping": "stopping",
+    "latest_checkpoint": "checkpoints",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ __all__ = [
     "load_image",
     "load_array",
     "as_image_tensor",
+    "item_image",
+    "item_tensor",
+    "is_map_style",
     "iter_image_batches",
     "update_hash",
     "fingerprint",
@@ -126,7 +130,7 @@ def item_image(item, what: str = "dataset items"):
     tuple/list (image, label, ...), or a dict's image entry (keys ``IMAGE_DICT_KEYS``)."""
     if isinstance(item, (tuple, list)) and item:
         return item[0]
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         key = next((k for k in IMAGE_DICT_KEYS if k in item), None)
         if key is None:
             raise ValueError(f"{what} are dicts without an image key {IMAGE_DICT_KEYS}: keys {list(item)}")
@@ -134,7 +138,7 @@ def item_image(item, what: str = "dataset items"):
     return item
 
 
-def _image_of_item(item) -> torch.Tensor:
+def item_tensor(item) -> torch.Tensor:
     """One Dataset item (image, (image, label, ...) or dict) -> image tensor [C, H, W]."""
     item = item_image(item)
     if not isinstance(item, (torch.Tensor, np.ndarray)):
@@ -151,7 +155,7 @@ def _image_of_item(item) -> torch.Tensor:
 
 
 def _collate(items):
-    images = [_image_of_item(item) for item in items]
+    images = [item_tensor(item) for item in items]
     if len({(x.shape, x.dtype) for x in images}) == 1:
         return torch.stack(images)
     return images
@@ -166,8 +170,16 @@ def _batch_images(batch):
     if isinstance(batch, torch.Tensor):
         return as_image_tensor(batch, name="DataLoader batch")
     if isinstance(batch, (list, tuple)):
-        return [_image_of_item(item) for item in batch]
+        return [item_tensor(item) for item in batch]
     raise TypeError(f"DataLoader batches must be image tensors, got {type(batch).__name__}")
+
+
+def is_map_style(data) -> bool:
+    """True for a map-style dataset of any library: ``len(data)`` and ``data[i]`` (a torch Dataset,
+    a Hugging Face ``datasets.Dataset``, a list of images, ...), but not a path, a string, an
+    array or a tensor (those are image stacks)."""
+    return (hasattr(data, "__len__") and hasattr(data, "__getitem__")
+            and not isinstance(data, (str, bytes, os.PathLike, np.ndarray, torch.Tensor, dict)))
 
 
 def iter_image_batches(data, *, batch_size: int = 64, num_workers: int = 0):
@@ -188,7 +200,7 @@ def iter_image_batches(data, *, batch_size: int = 64, num_workers: int = 0):
         except TypeError:
             total = None
         return (_batch_images(b) for b in data), total
-    if isinstance(data, Dataset):
+    if isinstance(data, Dataset) or is_map_style(data):
         try:
             total = len(data)
         except TypeError:
@@ -197,7 +209,8 @@ def iter_image_batches(data, *, batch_size: int = 64, num_workers: int = 0):
             raise ValueError("dataset contains no images")
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
         return iter(loader), total
-    raise TypeError("images must be an image folder, a .npy/.npz file, a tensor/ndarray, a Dataset or a DataLoader, "
+    raise TypeError("images must be an image folder, a .npy/.npz file, a tensor/ndarray, a DataLoader or a map-style "
+                    "dataset (len(data) and data[i]: torch, Hugging Face datasets, a list), "
                     f"got {type(data).__name__}")
 
 

@@ -26,16 +26,18 @@ except ImportError:  # pragma: no cover - depends on the environment
             "irs_callbacks.lightning needs Lightning: pip install 'irs-callbacks[lightning]' "
             "(or pip install lightning)") from None
 
+import contextlib
+
 import torch
 
 from irs_callbacks.monitor import IRSMonitor
 from irs_callbacks.tracking import TensorBoardLogger
 
-__all__ = ["IRSCallback"]
+__all__ = ["IRSCallback", "LightningProcesses"]
 
 
-class _LightningProcesses:
-    """Gather / any over the trainer's strategy (DDP or single device)."""
+class LightningProcesses:
+    """:class:`~irs_callbacks.evaluation.Processes` of a Lightning strategy (DDP or one device)."""
 
     def __init__(self, strategy):
         self.strategy = strategy
@@ -49,18 +51,28 @@ class _LightningProcesses:
     def any(self, flag: bool) -> bool:
         return bool(self.strategy.reduce_boolean_decision(bool(flag), all=False))
 
+    @contextlib.contextmanager
+    def main_process_first(self):
+        if not self.is_main:
+            self.strategy.barrier("irs-main-first")
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.strategy.barrier("irs-main-first")
+
 
 class IRSCallback(Callback):
     """IRS monitoring in ``Trainer.fit``.
 
     Args:
-        sampler: a ready sampler (diffusers pipeline, callable ``(batch_size, generator)``, or
-            :class:`~irs_callbacks.samplers.Sampler`).
+        sampler: a ready sampler (diffusers pipeline, ``PipelineSampler``, callable
+            ``(batch_size, generator)``, or :class:`~irs_callbacks.samplers.Sampler`).
         sampler_factory: or a function ``(pl_module) -> sampler``, called at each evaluation.
         metric: the ``trainer.callback_metrics`` key set to the score after each evaluation.
         monitor: an existing :class:`~irs_callbacks.monitor.IRSMonitor`; otherwise one is built
             from ``**monitor_kwargs`` (every_n_steps, num_samples, target_irs, patience, ...).
-            Training data: ``train_data=`` or the trainer's train dataloader's dataset.
+            Training data: the monitor's ``reference`` or the trainer's train dataloader's dataset.
     """
 
     def __init__(self, sampler=None, *, sampler_factory=None, metric: str = "irs/adjusted",
@@ -83,46 +95,40 @@ class IRSCallback(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         m = self.monitor
-        m._procs = _LightningProcesses(trainer.strategy)
-        if m.log_dir is None:
-            m.log_dir = trainer.log_dir or trainer.default_root_dir
-        if m._tracker is None and trainer.is_global_zero:
-            writer = None
-            sinks = []
+
+        def tensorboard():
+            writer, sinks = None, []
             for lg in trainer.loggers:
                 sinks.append(lambda values, step, lg=lg: lg.log_metrics(values, step=step))
                 if writer is None and type(lg).__name__ == "TensorBoardLogger":
                     writer = lg.experiment
-            m._tracker = TensorBoardLogger(writer, scalar_sinks=sinks, write_scalars=False,
-                                           images=m.log_images, figure=m.log_images)
+            images = m.options.log_images
+            return TensorBoardLogger(writer, scalar_sinks=sinks, write_scalars=False, images=images, figure=images)
+
+        processes = LightningProcesses(trainer.strategy)
+        m.connect(processes, log_dir=trainer.log_dir or trainer.default_root_dir, tensorboard=tensorboard,
+                  main_process_first=processes.main_process_first)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        m = self.monitor
-        if m.reference_bank is None and m.train_data is None:
-            loaders = trainer.train_dataloader
-            loader = loaders if hasattr(loaders, "dataset") else None
-            if isinstance(loaders, (list, tuple)) and loaders:
-                loader = loaders[0]
-            elif isinstance(loaders, dict) and loaders:
-                loader = next(iter(loaders.values()))
-            if loader is not None and hasattr(loader, "dataset"):
-                m.train_data = loader.dataset
+        loaders = trainer.train_dataloader
+        loader = loaders if hasattr(loaders, "dataset") else None
+        if isinstance(loaders, (list, tuple)) and loaders:
+            loader = loaders[0]
+        elif isinstance(loaders, dict) and loaders:
+            loader = next(iter(loaders.values()))
+        if loader is not None and hasattr(loader, "dataset"):
+            self.monitor.connect(train_data=loader.dataset)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = self.monitor
         step = trainer.global_step
-        if not m._due(step) or m.should_stop:
-            return
-        if self.sampler_factory is not None:
-            m.sampler = self.sampler_factory(pl_module)
         before = len(m.history)
-        stop = m.step(step)
-        if len(m.history) > before and m.history[-1]["step"] == step:
-            score = m.history[-1]["score"]
-            if score is not None:
-                trainer.callback_metrics[self.metric] = torch.tensor(float(score))
-        if stop:
+        if self.sampler_factory is not None and m.is_due(step):
+            m.sampler = self.sampler_factory(pl_module)
+        if m.step(step):
             trainer.should_stop = True
+        if len(m.history) > before and m.history[-1].step == step and m.history[-1].score is not None:
+            trainer.callback_metrics[self.metric] = torch.tensor(float(m.history[-1].score))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.monitor.close()

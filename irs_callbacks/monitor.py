@@ -1,803 +1,610 @@
 """IRSMonitor: diversity monitoring of a diffusion model while it trains (IRS paper, appendix 6).
 
-Every ``every_n_steps`` training steps the monitor draws up to ``num_samples`` images from the
-model, batch by batch; each sample's nearest training image is found in a reference bank of
-training features, and the set of distinct training images retrieved ("learned") grows. After
-each batch a :class:`~irs_callbacks.stats.SequentialRejectionTest` (k_min computed once, up front,
-on the adjusted scale: the target is relative to held-out real data) may end the evaluation
-early -- deterministically, when N_learned can no longer exceed k_min (or already does), or at a
-statistical interim look. The result: verdict ("pass"/"reject"), IRS_alpha, IRS_inf with its
-interval and the adjusted score IRS_inf / IRS_inf(real).
+The monitor schedules evaluations and fans their results out; the work is done by small parts
+that can be used on their own:
 
-Three lines in an existing Accelerate loop::
+- :class:`~irs_callbacks.evaluation.EvaluationEngine` draws samples batch by batch, retrieves
+  their nearest training images and decides with the sequential test (no files, no Accelerate);
+- :mod:`irs_callbacks.reference_setup` finds the training images and builds the reference bank;
+- :class:`~irs_callbacks.stopping.EarlyStopping` (patience), :mod:`irs_callbacks.sinks` (history,
+  TensorBoard, the saved evaluation), :class:`~irs_callbacks.checkpoints.CheckpointRegistry` and
+  :class:`~irs_callbacks.pruning.CheckpointPruner` (which checkpoints exist and which go);
+- :mod:`irs_callbacks.accelerate` and :mod:`irs_callbacks.lightning` connect it to a trainer with
+  public verbs only.
 
-    monitor = IRSMonitor(sampler=pipeline)          # IRSMonitor: construct
-    monitor.attach(accelerator)                     # IRSMonitor: after accelerator.prepare(...)
-    ...
-        if monitor.step(global_step):               # IRSMonitor: once per step, True = stop
+In an Accelerate loop (``examples/train_unconditional.py`` marks the lines)::
+
+    monitor = IRSMonitor(PipelineSampler(pipeline, num_inference_steps=25))
+    monitor.attach(accelerator, train_dataloader)   # after accelerator.prepare(...)
+    for batch in train_dataloader:
+        ...                                         # training step, maybe accelerator.save_state(...)
+        if monitor.step(global_step):               # once per step, at its end; True = stop
             break
+    monitor.close()
 
-The training data are found where the trainer has them (the first dataloader handed to
-``accelerator.prepare``, or ``train_data=``), their features extracted once (progress bar) and
-cached; ``ReferenceBank.build`` holds out a real split for the adjusted score when none is given.
-
-Multi-process: one round of ``batch_size`` samples is split over the processes (sample ``i`` is
-always seeded from ``(seed, i)``), the retrieved indices are gathered every round so that every
-rank updates an identical learned set, and every rank takes the same decision (Accelerate's
-``set_trigger``/``check_trigger``); only the main process logs, writes and deletes. The same seed
-gives the same result with any number of processes.
-
-Early stopping of training is optional: after ``start_step``, ``patience`` consecutive rejected
-evaluations make :meth:`IRSMonitor.step` return True. Checkpoint pruning (``prune="rejected"`` or
-``"top_k"``) judges ``output_dir/checkpoint-<step>`` directories by the evaluation at their step
-(see :mod:`irs_callbacks.pruning`). Monitoring problems are logged and never stop training unless
-``strict=True``. History file schema: :data:`irs_callbacks.tracking.HISTORY_SCHEMA`.
+``step(n)`` is called on every process once per training step, after the optimizer step and after
+any ``save_state`` of that step. Evaluations run there (never inside ``save_state``): at every
+checkpoint the trainer saves (default), or every ``every_n_steps`` steps. Monitoring problems are
+logged and never stop training unless ``strict=True``. History schema:
+:data:`irs_callbacks.history.HISTORY_SCHEMA`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from irs_callbacks.pruning import CHECKPOINT_PATTERN, PRUNE_MODES, CheckpointPruner
-from irs_callbacks.samplers import as_sampler, preserved_training_state, sample_seed
-from irs_callbacks.stats import IRSEstimate, SequentialRejectionTest, adjusted_irs, irs_infinity
-from irs_callbacks.tracking import (LAST_EVALUATION_NAME, BackgroundWork, HistoryFile, TensorBoardLogger,
-                                    save_evaluation)
+from irs_callbacks.checkpoints import CheckpointRegistry, read_checkpoint_state, write_checkpoint_state
+from irs_callbacks.evaluation import (EvaluationEngine, EvaluationError, EvaluationResult, EvaluationSettings,
+                                      SingleProcess, default_budget)
+from irs_callbacks.files import expand_path
+from irs_callbacks.history import HISTORY_NAME, EvaluationRecord
+from irs_callbacks.log import library_logger
+from irs_callbacks.pruning import PRUNE_MODES, CheckpointPruner, Verdict, default_ledger_folder
+from irs_callbacks.reference_setup import ReferenceConfig, cache_folder, check_training_data, prepare_reference
+from irs_callbacks.samplers import as_sampler, preserved_rng
+from irs_callbacks.sinks import EvaluationFileSink, HistorySink, TensorBoardSink
+from irs_callbacks.stopping import EarlyStopping
+from irs_callbacks.tracking import LAST_EVALUATION_NAME, BackgroundWork, TensorBoardLogger
+from irs_callbacks.validation import check_fraction, check_int, check_probability
 
-__all__ = ["IRSMonitor", "EvaluationResult", "EvaluationError", "default_budget"]
+__all__ = ["IRSMonitor", "MonitorOptions", "ReferenceConfig", "EvaluationResult", "EvaluationError", "SetupError",
+           "default_budget"]
 
 logger = logging.getLogger(__name__)
+library_logger()
 
-_PAD = -2  # gather padding (a rank with fewer samples in a round); -1 = invalid sample
-HISTORY_NAME = "irs_history.jsonl"
-_PRECOMPUTED_ROUNDS = 8  # real_at(n) is prepared at set-up for evaluations that end within this many rounds
-
-
-class EvaluationError(RuntimeError):
-    """An evaluation failed (on any process); raised identically on every process."""
+#: evaluate every this many steps when neither every_n_steps nor a trainer's checkpoints say when
+DEFAULT_EVERY_N_STEPS = 500
 
 
-def default_budget(n_train: int) -> int:
-    """Default samples per evaluation: 10% of the training set (alpha = 0.1, where the paper's
-    estimates become confident, appendix 6), at least 1,000 and at most 10,000, never more than
-    n_train."""
-    return int(min(n_train, max(1000, min(10_000, math.ceil(0.1 * n_train)))))
+@dataclass(frozen=True)
+class MonitorOptions:
+    """The monitor's rarely changed settings.
 
+    Args:
+        seed: sampling seed; sample ``i`` of an evaluation is seeded from ``(seed, i)``.
+        fixed_noise: the same noise at every evaluation (curves compare like with like); False
+            draws new noise per step.
+        adjust: put the target on the scale of real data and report IRS_inf,a (needs the bank's
+            real-data measurement).
+        device: where retrieval runs (default: the trainer's device, else CUDA if available).
+        tensorboard: log to TensorBoard (the trainer's writer, else ``<log_dir>/irs``).
+        log_images: sample and over-retrieved grids, the curve figure, galleries for the report.
+        num_log_images: generated images in the TensorBoard grid.
+        history_file: the JSON-lines history (default ``<log_dir>/irs_history.jsonl``).
+        shard_bank: with several processes, each holds a shard of the training features
+            (False: a full copy on every process).
+    """
 
-@dataclass
-class EvaluationResult:
-    """One evaluation. Fractions are of ``n_train``; ``estimate`` is IRS_inf with its interval
-    (``None`` if no valid sample was drawn); ``adjusted`` = IRS_inf / IRS_inf(real) (``None``
-    without a real reference)."""
+    seed: int = 0
+    fixed_noise: bool = True
+    adjust: bool = True
+    device: object = None
+    tensorboard: bool = True
+    log_images: bool = True
+    num_log_images: int = 36
+    history_file: object = None
+    shard_bank: bool = True
 
-    step: int | None
-    verdict: str
-    rule: str | None
-    samples_used: int
-    budget: int
-    n_learned: int
-    n_invalid: int
-    n_train: int
-    k_min: int
-    target_irs: float
-    alpha_e: float
-    estimate: IRSEstimate | None
-    adjusted: float | None
-    real: IRSEstimate | None
-    seed: int
-    target_s: float
-    curve: list = field(default_factory=list)
-    timing: dict = field(default_factory=dict)
-    hits: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def irs_alpha(self) -> float:
-        return self.n_learned / self.n_train
-
-    @property
-    def stopped_early(self) -> bool:
-        return self.samples_used < self.budget
-
-    @property
-    def score(self) -> float | None:
-        """What checkpoints are ranked by: the adjusted IRS, else IRS_inf."""
-        if self.adjusted is not None:
-            return self.adjusted
-        return None if self.estimate is None else self.estimate.estimate
-
-    def as_record(self) -> dict:
-        """The history-file object (schema: ``irs_callbacks.tracking.HISTORY_SCHEMA``)."""
-        est, real = self.estimate, self.real
-        scale = real.estimate if (real is not None and est is not None and real.estimate > 0) else None
-        return {
-            "step": self.step, "verdict": self.verdict, "rule": self.rule, "stopped_early": self.stopped_early,
-            "budget": self.budget, "samples_used": self.samples_used, "n_learned": self.n_learned,
-            "n_invalid": self.n_invalid, "n_train": self.n_train, "k_min": self.k_min,
-            "target_irs": self.target_irs, "target_s": self.target_s, "alpha_e": self.alpha_e,
-            "irs_alpha": self.irs_alpha,
-            "estimate": None if est is None else est.estimate,
-            "lower": None if est is None else est.lower,
-            "upper": None if est is None else est.upper,
-            "adjusted": self.adjusted,
-            "adjusted_lower": None if scale is None else est.lower / scale,
-            "adjusted_upper": None if scale is None else est.upper / scale,
-            "real_irs": None if real is None else real.estimate,
-            "seed": self.seed, "timing": dict(self.timing), "curve": [list(p) for p in self.curve],
-            "score": self.score,
-        }
-
-
-# ------------------------------------------------------------------------------------ processes
-
-
-class _SingleProcess:
-    rank, world, is_main = 0, 1, True
-
-    def __init__(self, device=None):
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-
-    def gather(self, tensor):
-        return tensor
-
-    def any(self, flag: bool) -> bool:
-        return bool(flag)
-
-
-class _AccelerateProcesses:
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.is_main = accelerator.is_main_process
-        self.device = accelerator.device
-
-    def gather(self, tensor):
-        return self.accelerator.gather(tensor.to(self.device))
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is set on any rank (Accelerate's set_trigger /
-        check_trigger, called collectively); a trigger the user set is left pending."""
-        acc = self.accelerator
-        if not hasattr(acc, "flag_tensor"):  # very old/new Accelerate: plain reduce
-            return bool(acc.reduce(torch.tensor(int(flag), device=self.device), "sum").item() > 0)
-        saved, acc.flag_tensor = acc.flag_tensor, None
-        try:
-            if flag:
-                acc.set_trigger()
-            return bool(acc.check_trigger())
-        finally:
-            acc.flag_tensor = saved
-
-
-# ------------------------------------------------------------------------------------ monitor
+    def __post_init__(self):
+        check_int(self.seed, "seed", 0)
+        check_int(self.num_log_images, "num_log_images", 0)
+        if self.history_file is not None:
+            object.__setattr__(self, "history_file", expand_path(self.history_file, "history_file"))
 
 
 class IRSMonitor:
     """Diversity monitor for diffusion training; every argument is optional.
 
     Args:
-        sampler: what to evaluate -- a diffusers pipeline, ``diadm.DiADMPipeline``, a callable
-            ``(batch_size, generator) -> images`` or a :class:`~irs_callbacks.samplers.Sampler`
-            (may also be passed to :meth:`step` / :meth:`evaluate`).
-        reference_bank: a prebuilt :class:`~irs_callbacks.reference.ReferenceBank` or the path of
-            a saved one. Default: built from ``train_data`` (or the trainer's dataloader).
-        train_data: training images (Dataset, DataLoader, tensor, array, image folder, .npy/.npz).
-        heldout_data: held-out real images for the adjusted score (default: the paper's split of
-            the training data, done by ``ReferenceBank.build``).
-        train_value_range: value range of ``train_data`` float images ((0, 1) or (-1, 1));
-            default: guessed from a few items (logged).
-        extractor: feature extractor name, module or callable (default ``"random-inception"``);
-            ``extractor_options``: e.g. ``{"input_size": 75}``.
-        distance: ``"euclidean"`` (paper default) or ``"cosine"``.
-        every_n_steps: evaluate when ``step % every_n_steps == 0`` (default 500, the diffusers
-            scripts' ``checkpointing_steps``, so checkpoints and verdicts line up).
-        start_step: warm-up: no evaluation (and no early stopping) before this step.
-        num_samples: budget of samples per evaluation (default :func:`default_budget`).
-        batch_size: samples per round, over all processes together.
+        sampler: what to evaluate: a diffusers pipeline, a
+            :class:`~irs_callbacks.samplers.PipelineSampler` (``num_inference_steps``, ``ema``), an
+            object with ``as_irs_sampler()`` (``diadm.DiADMPipeline``), a callable
+            ``(batch_size, generator) -> images`` or any :class:`~irs_callbacks.samplers.Sampler`.
+            Default: with Accelerate, a DDIM pipeline over the one diffusers ``UNet2DModel`` the
+            accelerator saves (logged).
+        reference: a :class:`ReferenceConfig`, a ``ReferenceBank`` or saved bank path, or the
+            training data; default: the data given to :meth:`attach`.
+        every_n_steps: evaluate when ``step % every_n_steps == 0``; default: at every checkpoint
+            the trainer saves (Accelerate), else every 500 steps.
+        start_step: no evaluation before this step (warm-up).
+        num_samples: budget of samples per evaluation (default
+            :func:`~irs_callbacks.evaluation.default_budget`).
+        batch_size: samples per round, all processes together.
         target_irs: target diversity IRS_d, relative to real data (default 0.8).
-        alpha_e: error probability of a wrong rejection (default 0.05).
-        interim_alpha, look_every: the sequential test's interim looks (see
-            :class:`~irs_callbacks.stats.SequentialRejectionTest`; ``interim_alpha=0`` disables).
-        adjust: put the target on the adjusted scale (needs the real reference; default True).
-        patience: stop training after this many consecutive rejections (None = never stop).
-        seed: sampling seed; ``fixed_noise=True`` (default) uses the same noise at every
-            evaluation so curves compare like with like, False draws new noise per step.
-        num_inference_steps, ema: for diffusers pipelines (see ``PipelineSampler``).
-        log_dir: where the history, the monitor's own TensorBoard events (when the accelerator
-            has no tensorboard tracker) and the feature cache go. Default: the accelerator's
-            logging/project dir, else ``./irs_logs``.
-        history_file: JSON-lines history path (default ``log_dir/irs_history.jsonl``).
-        tensorboard: log to TensorBoard; log_images: sample / over-retrieved grids and the curve;
-            num_log_images: samples in the grid (default 36).
-        output_dir: folder of ``checkpoint-<step>`` dirs (default: the accelerator's project dir).
-        prune: None (keep all), ``"rejected"`` or ``"top_k"``; top_k: kept by ``"top_k"``;
-            dry_run: only write the pruning ledger.
-        strict: raise on monitoring problems (and on NaN/Inf samples) instead of logging them.
-        device: where retrieval runs (default: the accelerator's device, else CUDA if available).
-        cache_dir: feature cache of the reference bank (default ``log_dir/reference_cache``).
-        progress: progress bar while extracting training features.
+        alpha_e: probability of wrongly rejecting a model at the target (default 0.05).
+        patience: stop training after this many consecutive rejections (None: never).
+        pruner: a :class:`~irs_callbacks.pruning.CheckpointPruner`, or its mode ``"rejected"`` /
+            ``"top_k"`` (default None: nothing is ever deleted).
+        log_dir: history, TensorBoard events (without the trainer's writer) and the bank cache;
+            default: the trainer's logging folder, else ``./irs_logs``.
+        strict: raise on monitoring problems (NaN samples included) instead of logging them.
+        options: :class:`MonitorOptions`.
     """
 
-    def __init__(self, sampler=None, *, reference_bank=None, train_data=None, heldout_data=None,
-                 train_value_range=None, extractor="random-inception", extractor_options=None,
-                 distance: str = "euclidean", every_n_steps: int = 500, start_step: int = 0,
+    def __init__(self, sampler=None, *, reference=None, every_n_steps: int | None = None, start_step: int = 0,
                  num_samples: int | None = None, batch_size: int = 64, target_irs: float = 0.8,
-                 alpha_e: float = 0.05, interim_alpha: float | None = None, look_every: int | None = None,
-                 adjust: bool = True, patience: int | None = None, seed: int = 0, fixed_noise: bool = True,
-                 num_inference_steps: int | None = None, ema=None, log_dir=None, history_file=None,
-                 tensorboard: bool = True, log_images: bool = True, num_log_images: int = 36,
-                 output_dir=None, prune: str | None = None, top_k: int = 3, dry_run: bool = False,
-                 strict: bool = False, device=None, cache_dir=None, progress: bool = True):
-        _int(every_n_steps, "every_n_steps", 1)
-        _int(start_step, "start_step", 0)
-        _int(batch_size, "batch_size", 1)
-        _int(num_log_images, "num_log_images", 0)
-        _int(seed, "seed", 0)
-        if num_samples is not None:
-            _int(num_samples, "num_samples", 1)
-        if patience is not None:
-            _int(patience, "patience", 1)
-        if not (isinstance(target_irs, (int, float)) and 0 < target_irs <= 1):
-            raise ValueError(f"target_irs must be a fraction in (0, 1], got {target_irs!r}")
-        if not (isinstance(alpha_e, float) and 0 < alpha_e < 1):
-            raise ValueError(f"alpha_e must be a probability in (0, 1), got {alpha_e!r}")
-        if prune is not None and prune not in PRUNE_MODES:
-            raise ValueError(f"prune must be None or one of {PRUNE_MODES}, got {prune!r}")
-        if distance not in ("euclidean", "cosine"):
-            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+                 alpha_e: float = 0.05, patience: int | None = None, pruner=None, log_dir=None,
+                 strict: bool = False, options: MonitorOptions | None = None):
+        self.options = options if options is not None else MonitorOptions()
+        if not isinstance(self.options, MonitorOptions):
+            raise TypeError(f"options must be a MonitorOptions, got {type(self.options).__name__}")
         self.sampler = sampler
-        self.reference_bank, self.train_data, self.heldout_data = reference_bank, train_data, heldout_data
-        self.train_value_range = train_value_range
-        self.extractor_spec, self.extractor_options = extractor, dict(extractor_options or {})
-        self.distance = distance
-        self.every_n_steps, self.start_step = every_n_steps, start_step
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.target_irs, self.alpha_e = float(target_irs), alpha_e
-        self.interim_alpha, self.look_every, self.adjust = interim_alpha, look_every, adjust
-        self.patience, self.seed, self.fixed_noise = patience, seed, fixed_noise
-        self.num_inference_steps, self.ema = num_inference_steps, ema
-        self.log_dir, self.history_path = log_dir, history_file
-        self.tensorboard, self.log_images, self.num_log_images = tensorboard, log_images, num_log_images
-        self.output_dir, self.prune_mode, self.top_k, self.dry_run = output_dir, prune, top_k, dry_run
-        self.strict, self.device, self.cache_dir, self.progress = strict, device, cache_dir, progress
+        self.reference = ReferenceConfig.of(reference)
+        self.every_n_steps = None if every_n_steps is None else check_int(every_n_steps, "every_n_steps", 1)
+        self.start_step = check_int(start_step, "start_step", 0)
+        self.settings = EvaluationSettings(
+            num_samples=None if num_samples is None else check_int(num_samples, "num_samples", 1),
+            batch_size=check_int(batch_size, "batch_size", 1),
+            target_irs=check_fraction(target_irs, "target_irs"), alpha_e=check_probability(alpha_e, "alpha_e"),
+            adjust=bool(self.options.adjust), seed=self.options.seed, fixed_noise=bool(self.options.fixed_noise),
+            keep_samples=self.options.num_log_images if self.options.log_images else 0)
+        self.stopping = EarlyStopping(patience)
+        if isinstance(pruner, str):
+            if pruner not in PRUNE_MODES:
+                raise ValueError(f"pruner must be a CheckpointPruner or one of {PRUNE_MODES}, got {pruner!r}")
+            pruner = CheckpointPruner(pruner)
+        if pruner is not None and not isinstance(pruner, CheckpointPruner):
+            raise TypeError(f"pruner must be a CheckpointPruner, a mode string or None, got {type(pruner).__name__}")
+        self.pruner = pruner
+        self.log_dir = None if log_dir is None else expand_path(log_dir, "log_dir")
+        self.strict = bool(strict)
 
-        # state (saved by state_dict)
-        self.history: list[dict] = []
-        self.consecutive_rejections = 0
-        self.should_stop = False
-        # runtime
-        self.accelerator = None
-        self._procs = None
-        self._bank = None          # ReferenceBank
-        self._feature_bank = None  # FeatureBank on the device
-        self._extractor = None
-        self._train_images = None  # callable: bank rows -> images in [0, 1], or None
-        self._tracker = None
-        self._background = BackgroundWork()  # TensorBoard images etc. off the training loop
-        self._history_file = None
-        self._pruner = None
-        self._resumed_from = None
-        self._prune_pending = False
-        self._rewrite_history = False
-        self._purge_step = None
-        self._reregister = False
-        self._test_cache = None
+        self.history: list[EvaluationRecord] = []  # identical on every process
+        self.registry = CheckpointRegistry()       # checkpoints of this run and the runs it resumed
+        self.errors: list[tuple[int | None, str]] = []  # (step, message) of failed evaluations
+        # set by connect() (trainer adapters) or defaults
+        self.processes = None
+        self._default_log_dir = None
+        self._tensorboard_factory = None
+        self._main_process_first = None
+        self._follows_checkpoints = False
+        # built on first use
+        self._prepared = None
+        self._engine = None
+        self._sinks = None
+        self._history_sink = None
+        self._background = BackgroundWork()
+        self._disabled: str | None = None  # why evaluations are off (set-up failed), logged once
+        self._pruning_off: str | None = None
+        self._resumed_from: str | None = None
+        self._last_step = 0  # the latest step() argument
+        self._warned: set = set()
 
-    # -------------------------------------------------------------------------------- attach
-    def attach(self, accelerator=None, *, train_data=None, reference_bank=None, sampler=None,
-               output_dir=None, resumed_from=None) -> "IRSMonitor":
-        """Connect to an ``accelerate.Accelerator`` (call after ``accelerator.prepare`` and before
-        ``accelerator.load_state``): registers the monitor for checkpointing, watches
-        ``save_state``/``load_state`` (checkpoints to judge, the one resumed from), takes the
-        training data from the prepared dataloader unless given, and logs through the
-        accelerator's tensorboard tracker when it has one. Returns the monitor."""
-        if train_data is not None:
-            self.train_data = train_data
-        if reference_bank is not None:
-            self.reference_bank = reference_bank
-        if sampler is not None:
-            self.sampler = sampler
-        if output_dir is not None:
-            self.output_dir = output_dir
-        if resumed_from is not None:
-            self._resumed_from = os.fspath(resumed_from)
-        if accelerator is None:
-            return self
-        self.accelerator = accelerator
-        self._procs = _AccelerateProcesses(accelerator)
-        if self.reference_bank is None and self.train_data is None:
-            loaders = list(getattr(accelerator, "_dataloaders", []) or [])
-            if loaders:
-                self.train_data = getattr(loaders[0], "dataset", loaders[0])
-                logger.info("IRSMonitor: reference data = the dataset of the first prepared dataloader (%s, %s items)",
-                            type(self.train_data).__name__, _len(self.train_data))
-        if self.output_dir is None and self.prune_mode is not None:
-            self.output_dir = getattr(accelerator, "project_dir", None)
-        accelerator.register_for_checkpointing(self)
-        accelerator.register_save_state_pre_hook(self._on_save_state)
-        accelerator.register_load_state_pre_hook(self._on_load_state)
+    # ------------------------------------------------------------------------------ connecting
+    def attach(self, accelerator, train_data=None) -> "IRSMonitor":
+        """Connect to an ``accelerate.Accelerator`` (after ``accelerator.prepare``, before
+        ``accelerator.load_state``); ``train_data``: the training dataloader, dataset or images
+        (see :class:`ReferenceConfig`). Returns the monitor."""
+        from irs_callbacks.accelerate import attach
+
+        attach(self, accelerator, train_data)
         return self
 
-    def _on_save_state(self, models, weights, output_dir):
-        # The pre-hook runs before the monitor's own state is saved: if the checkpoint is
-        # "checkpoint-<step>" and an evaluation is due at that step, run it now, so the saved
-        # state (and the checkpoint's verdict) include it whatever the order of the user's lines.
-        match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(os.fspath(output_dir))))
-        if match and self.sampler is not None and not self.should_stop and self._due(int(match.group(1))):
-            result = self._guarded_evaluate(int(match.group(1)), None)
-            if result is not None:
-                self._update_stopping(result)
-        self._prune_pending = True
+    def connect(self, processes=None, *, log_dir=None, tensorboard=None, train_data=None, main_process_first=None,
+                follows_checkpoints: bool = False) -> "IRSMonitor":
+        """What a trainer adapter tells the monitor (the public verb behind :meth:`attach` and the
+        Lightning callback): the run's processes (:class:`~irs_callbacks.evaluation.Processes`),
+        its logging folder, a ``TensorBoardLogger`` (or a callable making one on first use),
+        the training data, a ``main_process_first`` context-manager factory, and whether the
+        trainer reports its checkpoints (then evaluations follow them unless ``every_n_steps``)."""
+        if processes is not None:
+            self.processes = processes
+        if log_dir is not None:
+            self._default_log_dir = expand_path(log_dir, "log_dir")
+        if tensorboard is not None:
+            self._tensorboard_factory = tensorboard
+        if main_process_first is not None:
+            self._main_process_first = main_process_first
+        self._follows_checkpoints = self._follows_checkpoints or bool(follows_checkpoints)
+        if train_data is not None:
+            self.reference = self.reference.with_train_data(train_data)
+            try:
+                description = check_training_data(train_data)
+            except ValueError as error:
+                self._disable(f"cannot read the training data: {error}")
+            else:
+                self._info("IRSMonitor: training data %s", description)
+        return self
 
-    def _on_load_state(self, models, input_dir):
-        self._resumed_from = os.fspath(input_dir)
-        if self._pruner is not None:
-            self._pruner.protect(self._resumed_from, "training resumed from it")
-        # A checkpoint saved before the monitor was added has one custom state fewer: Accelerate
-        # would refuse it. Step aside for this load (re-registered at the next step()).
-        acc = self.accelerator
-        objects = getattr(acc, "_custom_objects", None)
-        if objects and objects[-1] is self and os.path.isdir(input_dir):
-            saved = [f for f in os.listdir(input_dir) if re.fullmatch(r"custom_checkpoint_\d+\.pkl", f)]
-            if len(saved) == len(objects) - 1:
-                objects.pop()
-                self._reregister = True
-                logger.warning("IRSMonitor: %s holds no monitor state (saved before the monitor was added); "
-                               "starting with an empty history", input_dir)
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def log_folder(self) -> Path:
+        """Where the history, TensorBoard events (without the trainer's writer) and caches go."""
+        return self.log_dir or self._default_log_dir or Path("irs_logs")
 
-    # -------------------------------------------------------------------------------- per step
-    def _due(self, step: int) -> bool:
-        return (step > 0 and step >= self.start_step and step % self.every_n_steps == 0
-                and not any(r["step"] == step for r in self.history))
+    @property
+    def history_file(self) -> Path | None:
+        """Path of the JSON-lines history (main process, once something was logged)."""
+        return None if self._history_sink is None else self._history_sink.path
 
-    def step(self, step: int, sampler=None) -> bool:
-        """Call once per training step (the same ``global_step`` used in checkpoint names).
-        Evaluates when due; returns True when training should stop (``patience`` consecutive
-        rejections after ``start_step``). Never raises on monitoring problems unless strict."""
-        step = _int(step, "step", 0)
-        if self._reregister and self.accelerator is not None:
-            self.accelerator.register_for_checkpointing(self)
-            self._reregister = False
-        if sampler is not None:
-            self.sampler = sampler
-        if not self.should_stop and self._due(step):
-            result = self._guarded_evaluate(step, None)
-            if result is not None:
-                self._update_stopping(result)
-        if self._prune_pending:
-            self._prune()
-        return self.should_stop
+    @property
+    def should_stop(self) -> bool:
+        return self.stopping.should_stop
 
-    def _guarded_evaluate(self, step, sampler):
-        try:
-            return self.evaluate(sampler, step=step)
-        except Exception as error:
-            if self.strict:
-                raise
-            logger.warning("IRSMonitor: evaluation at step %s failed and was skipped (training goes on; "
-                           "strict=True raises instead): %s\n%s", step, error, traceback.format_exc())
-            return None
+    @property
+    def consecutive_rejections(self) -> int:
+        return self.stopping.consecutive_rejections
 
-    def _update_stopping(self, result: "EvaluationResult") -> None:
-        if result.verdict == "reject":
-            self.consecutive_rejections += 1
-        else:
-            self.consecutive_rejections = 0
-        local = self.patience is not None and self.consecutive_rejections >= self.patience
-        stop = self._processes().any(local)
-        if stop and not self.should_stop:
-            self.should_stop = True
-            if self._processes().is_main:
-                logger.warning("IRSMonitor: %d consecutive rejected evaluations (patience=%s) at step %s: stop training",
-                               self.consecutive_rejections, self.patience, result.step)
+    @property
+    def best(self) -> EvaluationRecord | None:
+        """The history record with the highest score (adjusted IRS, else IRS_inf)."""
+        scored = [r for r in self.history if r.score is not None]
+        return max(scored, key=lambda r: r.score) if scored else None
 
-    # -------------------------------------------------------------------------------- setup
-    def _processes(self):
-        if self._procs is None:
-            self._procs = _SingleProcess(self.device if self.device is not None else _default_device())
-        return self._procs
+    def _procs(self):
+        if self.processes is None:
+            self.processes = SingleProcess(self.options.device)
+        return self.processes
 
     def _device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return self._processes().device
+        return torch.device(self.options.device) if self.options.device is not None else self._procs().device
 
-    def _root(self) -> Path:
-        if self.log_dir is not None:
-            return Path(self.log_dir)
-        acc = self.accelerator
-        for attr in ("logging_dir", "project_dir"):
-            value = getattr(acc, attr, None) if acc is not None else None
-            if value:
-                return Path(value)
-        return Path("irs_logs")
+    def _info(self, message, *args) -> None:
+        if self._procs().is_main:
+            logger.info(message, *args)
 
-    def _ensure_reference(self):
-        if self._feature_bank is not None:
-            return self._bank
-        from irs_callbacks.features import get_extractor
-        from irs_callbacks.reference import ReferenceBank
+    def _disable(self, reason: str) -> None:
+        if self._disabled is None:
+            self._disabled = reason
+            if self._procs().is_main:
+                logger.error("IRSMonitor is off for this run: %s. Training goes on; no evaluation, verdict or "
+                             "pruning will happen.", reason)
 
-        device = self._device()
-        t0 = time.perf_counter()
-        extractor = get_extractor(self.extractor_spec, device=device, **self.extractor_options)
-        bank = self.reference_bank
-        if isinstance(bank, (str, os.PathLike)):
-            bank = ReferenceBank.load(bank, expect={"extractor": extractor.identity, "distance": self.distance})
-        elif bank is None:
-            if self.train_data is None:
-                raise ValueError("IRSMonitor has no training data to compare against: pass reference_bank= or "
-                                 "train_data=, or attach(accelerator) after accelerator.prepare(train_dataloader)")
-            value_range = self.train_value_range or _guess_value_range(self.train_data)
-            cache = self.cache_dir if self.cache_dir is not None else self._root() / "reference_cache"
-            build = lambda: ReferenceBank.build(  # noqa: E731
-                self.train_data, extractor=extractor, reference=self.heldout_data, distance=self.distance,
-                batch_size=max(self.batch_size, 64), device=device, cache_dir=cache, seed=self.seed,
-                value_range=value_range, progress=self.progress and self._processes().is_main)
-            if self.accelerator is not None and self._processes().world > 1:
-                with self.accelerator.main_process_first():  # main extracts and caches, others load
-                    bank = build()
-            else:
-                bank = build()
-            self._train_images = _image_lookup(self.train_data, bank, value_range)
-        self._bank, self._extractor = bank, extractor
-        self._feature_bank = bank.bank(device=device)
-        if self.adjust and bank.real is None:
-            logger.warning("IRSMonitor: the reference bank has no real-data measurement (bank.real is None): "
-                           "the target is on the absolute scale and no adjusted score is reported")
-        test = self._rejection_test(bank)  # one-time set-up, outside the evaluations' timing:
-        if self.adjust:  # the real reference at the first rounds' sample counts (real_at caches them)
-            for n in range(self.batch_size, min(test.budget, _PRECOMPUTED_ROUNDS * self.batch_size) + 1, self.batch_size):
-                bank.real_at(n)
-        self._feature_bank.search(self._feature_bank.features[: self.batch_size])  # first-call costs (BLAS, cuBLAS)
-        self._ensure_outputs()  # writers, imports, the static part of the curve figure
-        if self._tracker is not None:
-            self._tracker.warm_up({"n_train": bank.n_train, "budget": test.budget, "k_min": int(test.k_min),
-                                   "target_s": float(test.s_d)})
-        logger.info("IRSMonitor: reference bank ready (N_train=%d, dim=%d, real IRS_inf=%s) in %.1f s",
-                    bank.n_train, bank.dim, bank.real, time.perf_counter() - t0)
-        return bank
+    # ------------------------------------------------------------------------------ set-up
+    def prepare(self):
+        """Build the reference bank, the engine and the outputs now (otherwise done at the first
+        evaluation); returns the :class:`~irs_callbacks.reference.ReferenceBank`. Raises on
+        problems (the monitor's own calls catch them)."""
+        self._prepare_engine()
+        self._ensure_sinks()
+        return self._prepared.bank
 
-    def _ensure_outputs(self):
-        """Tracker, history file and pruner (main process only)."""
-        if not self._processes().is_main:
+    def _prepare_engine(self) -> None:
+        if self._engine is not None:
             return
-        if self._history_file is None:
-            path = self.history_path if self.history_path is not None else self._root() / HISTORY_NAME
-            self._history_file = HistoryFile(path)
-        if self._rewrite_history:
-            self._history_file.rewrite(self.history)
-            self._rewrite_history = False
-        if self._tracker is None:
-            self._tracker = self._make_tracker()
-        if self.prune_mode is not None and self._pruner is None:
-            if self.output_dir is None:
-                raise ValueError("prune=... needs output_dir= (the folder holding checkpoint-<step> directories)")
-            self._pruner = CheckpointPruner(self.output_dir, mode=self.prune_mode, top_k=self.top_k,
-                                            dry_run=self.dry_run, resumed_from=self._resumed_from)
-            self._pruner.set_evaluations(self.history)
+        procs = self._procs()
+        t0 = time.perf_counter()
+        shard = procs.world > 1 and self.options.shard_bank
+        with preserved_rng():
+            prepared = prepare_reference(
+                self.reference, device=self._device(), seed=self.options.seed, batch_size=self.settings.batch_size,
+                default_cache_dir=cache_folder(self.log_folder), main_process_first=self._main_process_first,
+                show_progress=procs.is_main, search_options={"sharded": True} if shard else None)
+            engine = EvaluationEngine(prepared, procs, self.settings)
+            if self.settings.adjust and prepared.bank.real is None:
+                self._info("IRSMonitor: the reference bank has no real-data measurement: the target is on the "
+                           "absolute scale and no adjusted score is reported")
+            engine.warm_up()
+        self._prepared, self._engine = prepared, engine
+        test = engine.rejection_test()
+        bank = prepared.bank
+        real = bank.real
+        self._info("IRSMonitor: reference ready in %.1f s: %d training images (%s), dim %d, %s; budget %d samples, "
+                   "k_min %d, target %.2f%s", time.perf_counter() - t0, bank.n_train,
+                   prepared.description or "bank", bank.dim,
+                   "no real reference" if real is None else
+                   f"real IRS_inf {real.estimate:.2%} from {real.n_samples} real images",
+                   test.budget, test.k_min, self.settings.target_irs,
+                   " of real data" if self.settings.adjust and real is not None else "")
 
-    def _make_tracker(self):
-        acc, sinks, writer = self.accelerator, [], None
-        kwargs = dict(images=self.log_images, figure=self.log_images)
-        for tracker in list(getattr(acc, "trackers", []) or []):
-            if tracker.name == "tensorboard":
-                writer = acc.get_tracker("tensorboard", unwrap=True) if self.tensorboard else None
-            else:
-                sinks.append(lambda values, step, t=tracker: t.log(values, step=step))
-        if writer is None and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(log_dir=str(self._root() / "irs"), purge_step=self._purge_step)
-        return TensorBoardLogger(writer, scalar_sinks=sinks, **kwargs)
+    def _ensure_sinks(self) -> None:
+        """History, TensorBoard and the saved evaluation (main process only)."""
+        if self._sinks is not None or not self._procs().is_main:
+            return
+        path = self.options.history_file or self.log_folder / HISTORY_NAME
+        history = HistorySink(path)
+        if self.history or self._resumed_from is not None:
+            history.rewrite(self.history)  # resumed: exactly the restored evaluations
+        else:
+            archived = history.file.archive_previous_run(time.strftime("%Y%m%d-%H%M%S", time.localtime(
+                path.stat().st_mtime)) if path.is_file() else "previous")
+            if archived is not None:
+                logger.info("IRSMonitor: %s held another run's history; moved to %s", path, archived)
+        sinks = [history]
+        images = self._prepared.training_images if self._prepared is not None else None
+        if self.options.tensorboard:
+            factory = self._tensorboard_factory
+            tensorboard = factory() if callable(factory) else factory
+            if tensorboard is None:
+                from torch.utils.tensorboard import SummaryWriter
 
-    # -------------------------------------------------------------------------------- evaluate
+                purge = (max(r.step for r in self.history) + 1) if self.history else None
+                writer = SummaryWriter(log_dir=str(self.log_folder / "irs"), purge_step=purge)
+                tensorboard = TensorBoardLogger(writer, images=self.options.log_images, figure=self.options.log_images)
+            sinks.append(TensorBoardSink(tensorboard, training_images=images,
+                                         num_images=self.options.num_log_images if self.options.log_images else 0))
+        sinks.append(EvaluationFileSink(Path(history.path).with_name(LAST_EVALUATION_NAME)))
+        self._sinks, self._history_sink = sinks, history
+        if self._engine is not None:
+            test = self._engine.rejection_test()
+            for sink in sinks:
+                if hasattr(sink, "warm_up"):
+                    sink.warm_up({"n_train": self._prepared.bank.n_train, "budget": test.budget,
+                                  "k_min": int(test.k_min), "target_s": float(test.s_d)})
+
+    # ------------------------------------------------------------------------------ per step
+    def step(self, step, sampler=None) -> bool:
+        """Call once per training step on every process, at its end (after the optimizer step and
+        any ``save_state``), with the step number used for checkpoints. Evaluates when due;
+        returns True when training should stop (``patience``). Never raises on monitoring
+        problems unless ``strict``."""
+        step = check_int(step, "step", 0)
+        self._last_step = step
+        if sampler is not None:
+            self.sampler = sampler
+        saved = self.registry.resolve(step)  # save_state has returned: these are complete
+        if saved:
+            self._write_checkpoint_states(saved)
+        result = None
+        if self._due(step, bool(saved)):
+            result = self._guarded_evaluate(step)
+            if result is not None:
+                self._update_stopping(result)
+                if saved:
+                    self._write_checkpoint_states(saved)  # the checkpoint's state includes its verdict
+        if self.pruner is not None and (saved or result is not None):
+            self._prune(saved)
+        return self.should_stop
+
+    def is_due(self, step) -> bool:
+        """Whether :meth:`step` would evaluate at ``step`` now (a collective call when evaluations
+        follow a multi-process trainer's checkpoints, like :meth:`step` itself)."""
+        return self._due(check_int(step, "step", 0), bool(self.registry.pending))
+
+    def _due(self, step: int, saved: bool) -> bool:
+        if (self._disabled is not None or self.should_stop or step <= 0 or step < self.start_step
+                or any(r.step == step for r in self.history)):
+            return False
+        if self.every_n_steps is not None:
+            return step % self.every_n_steps == 0
+        if self._follows_checkpoints:  # the main process may be the only one that saved
+            return self._procs().any(saved) if self._procs().world > 1 else saved
+        return step % DEFAULT_EVERY_N_STEPS == 0
+
+    def _guarded_evaluate(self, step):
+        try:
+            return self.evaluate(step=step)
+        except Exception as error:  # noqa: BLE001 - monitoring never stops training unless strict
+            if self.strict:
+                raise
+            if isinstance(error, SetupError):  # the reference cannot be built: say so once, then stay quiet
+                self._disable(f"set-up failed ({error})")
+                logger.debug("IRSMonitor set-up failure:\n%s", traceback.format_exc())
+                return None
+            self.errors.append((step, str(error)))
+            if self._procs().is_main:
+                logger.error("IRSMonitor: evaluation at step %s failed: %s. No verdict for this step and nothing "
+                             "pruned on its account; training goes on (strict=True raises instead).", step, error)
+                logger.debug("%s", traceback.format_exc())
+            return None
+
+    def _update_stopping(self, result: EvaluationResult) -> None:
+        local = self.stopping.update(result.step, result.verdict)
+        if self._procs().any(local) and not local:
+            self.stopping.stop(result.step)
+        if self.should_stop and self.stopping.stopped_at == result.step and self._procs().is_main:
+            logger.warning("IRSMonitor: %d consecutive rejected evaluations (patience=%s) at step %s: stop training",
+                           self.stopping.consecutive_rejections, self.stopping.patience, result.step)
+
+    # ------------------------------------------------------------------------------ evaluate
     def evaluate(self, sampler=None, step: int | None = None) -> EvaluationResult:
         """Run one evaluation now. With ``step`` it is recorded (history, TensorBoard, checkpoint
         verdicts); without, it is only returned. Raises on problems (``step()`` catches them)."""
-        sampler = as_sampler(sampler if sampler is not None else self._need_sampler(),
-                             num_inference_steps=self.num_inference_steps, ema=self.ema)
-        bank = self._ensure_reference()
-        procs, device = self._processes(), self._device()
-        t_start = time.perf_counter()
-        n_train = bank.n_train
-        test = self._rejection_test(bank)
-        budget = test.budget
-        from irs_callbacks.retrieval import LearnedSet
-
-        learned = LearnedSet(n_train, device=device)
-        seed = self.seed if (self.fixed_noise or step is None) else sample_seed(self.seed, step) & 0x7FFFFFFF
-        t_sampling = t_features = t_retrieval = 0.0
-        curve, samples_kept, decision = [], None, None
-        sync = device.type == "cuda"
-        with preserved_training_state(sampler.modules()), sampler.context():
-            for start in range(0, budget, self.batch_size):
-                stop = min(start + self.batch_size, budget)
-                chunk = -(-(stop - start) // procs.world)
-                mine = list(range(start + procs.rank * chunk, min(start + (procs.rank + 1) * chunk, stop)))
-                local = torch.full((chunk + 1,), _PAD, dtype=torch.long, device=device)
-                error = None
-                try:
-                    if mine:
-                        t0 = time.perf_counter()
-                        images = sampler.sample(mine, seed)
-                        if sync:
-                            torch.cuda.synchronize(device)
-                        t1 = time.perf_counter()
-                        images = images.to(device)
-                        invalid = ~torch.isfinite(images.float()).flatten(1).all(dim=1)
-                        features = self._extractor(images, value_range=sampler.value_range)
-                        if sync:
-                            torch.cuda.synchronize(device)
-                        t2 = time.perf_counter()
-                        t_sampling, t_features = t_sampling + t1 - t0, t_features + t2 - t1
-                        t_retrieval -= time.perf_counter()
-                        index, _ = self._feature_bank.search(features)
-                        index = index.to(device=device, dtype=torch.long)
-                        index[invalid.to(index.device)] = -1
-                        local[: len(mine)] = index
-                        t_retrieval += time.perf_counter()
-                        if samples_kept is None and procs.is_main and self.log_images and self.num_log_images:
-                            samples_kept = _to_unit(images[: self.num_log_images], sampler.value_range).cpu()
-                except Exception as exc:  # reported on every rank through the gather below
-                    error = exc
-                    local[-1] = 1
-                t0 = time.perf_counter()
-                gathered = procs.gather(local).view(procs.world, chunk + 1)
-                if bool((gathered[:, -1] != _PAD).any()):
-                    failed = [r for r in range(procs.world) if int(gathered[r, -1]) != _PAD]
-                    message = f"sampling/feature extraction failed on process(es) {failed} at step {step}"
-                    if error is not None:
-                        raise EvaluationError(f"{message}: {error!r}") from error
-                    raise EvaluationError(message)
-                indices = gathered[:, :-1].reshape(-1)
-                learned.update(indices[indices != _PAD])
-                curve.append((int(learned.n_samples), int(learned.n_learned)))
-                decision = test.decide(learned.n_samples, learned.n_learned)
-                t_retrieval += time.perf_counter() - t0
-                if decision.verdict != "continue":
-                    break
-
-        n_drawn, n_learned, n_invalid = int(learned.n_samples), int(learned.n_learned), int(learned.n_invalid)
-        n_valid = n_drawn - n_invalid
-        estimate = irs_infinity(n_learned, n_valid, n_train, self.alpha_e) if n_learned >= 1 else None
-        real = bank.real_at(n_valid) if n_valid > 0 else bank.real  # real data at the samples' alpha
-        adjusted = None
-        if estimate is not None and real is not None and real.estimate > 0:
-            adjusted = adjusted_irs(estimate, real)
-        if n_invalid:
-            message = f"IRSMonitor: {n_invalid} of {n_drawn} samples at step {step} contain NaN/Inf (counted as failures)"
+        error = None
+        try:
+            sampler = self._sampler(sampler)
+            try:
+                self._prepare_engine()
+            except Exception as exc:  # noqa: BLE001
+                raise SetupError(f"{type(exc).__name__}: {exc}") from exc
+            if step is not None:
+                self._ensure_sinks()  # before the evaluation's clock starts (figure warm-up, writers)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process alike
+            error = exc
+        if self._procs().world > 1 and self._procs().any(error is not None):  # no rank left waiting
+            kind = SetupError if isinstance(error, SetupError) or error is None else EvaluationError
+            raise kind(f"evaluation set-up failed on a process: {error!r}") from error
+        if error is not None:
+            raise error
+        result = self._engine.run(sampler, step)
+        if result.n_invalid:
+            message = (f"IRSMonitor: {result.n_invalid} of {result.samples_used} samples at step {step} contain "
+                       "NaN/Inf (counted as failures, never as learned)")
             if self.strict:
                 raise EvaluationError(message)
-            logger.warning(message)
-        hits = learned.hits.detach().cpu()
-        result = EvaluationResult(
-            step=step, verdict=decision.verdict, rule=decision.rule, samples_used=n_drawn, budget=budget,
-            n_learned=n_learned, n_invalid=n_invalid, n_train=n_train, k_min=int(test.k_min),
-            target_irs=self.target_irs, alpha_e=self.alpha_e, estimate=estimate, adjusted=adjusted, real=real,
-            seed=int(seed), target_s=float(test.s_d), curve=curve, hits=hits)
-        t_end = time.perf_counter()
-        result.timing = {"sampling": t_sampling, "features": t_features, "retrieval": t_retrieval,
-                         "monitor": t_end - t_start - t_sampling - t_features, "total": t_end - t_start}
+            if self._procs().is_main:
+                logger.warning(message)
         if step is not None:
-            self._record(result, samples_kept, t_end)
+            self._record(result)
         return result
 
-    def _rejection_test(self, bank) -> SequentialRejectionTest:
-        """The decision rule for the configured budget (k_min and interim thresholds computed once,
-        up front, on the adjusted scale when the bank has a real-data measurement, taken at the
-        budget's sampling rate: ``bank.real_at(budget)``)."""
-        budget = self.num_samples if self.num_samples is not None else default_budget(bank.n_train)
-        real = bank.real_at(budget) if self.adjust else None
-        real_irs = real.estimate if real is not None else None
-        key = (bank.n_train, self.target_irs, budget, self.alpha_e, real_irs, self.look_every, self.interim_alpha)
-        if self._test_cache is None or self._test_cache[0] != key:
-            self._test_cache = (key, SequentialRejectionTest(
-                bank.n_train, self.target_irs, budget, self.alpha_e, real_irs=real_irs, look_every=self.look_every,
-                interim_alpha=self.interim_alpha))
-        return self._test_cache[1]
-
-    def _need_sampler(self):
-        if self.sampler is None:
-            raise ValueError("IRSMonitor has no sampler: pass sampler= to IRSMonitor(...), attach(...), "
-                             "step(...) or evaluate(...) (a diffusers pipeline, a callable "
+    def _sampler(self, sampler):
+        chosen = sampler if sampler is not None else self.sampler
+        if chosen is None:
+            raise ValueError("IRSMonitor has no sampler: pass one to IRSMonitor(sampler), step(..., sampler=) or "
+                             "evaluate(sampler) (a diffusers pipeline, a PipelineSampler, a callable "
                              "(batch_size, generator) -> images, or an irs_callbacks.samplers.Sampler)")
-        return self.sampler
+        return as_sampler(chosen)
 
-    def _record(self, result: EvaluationResult, samples, t_end: float) -> None:
-        """History, TensorBoard, checkpoint verdicts. The logging time counts as the monitor's."""
-        main = self._processes().is_main
-        if main:
-            self._ensure_outputs()
-            top = None
-            if self.log_images and self._train_images is not None and self.num_log_images:
-                top = torch.argsort(result.hits, descending=True, stable=True)[: min(16, self.num_log_images)]
-                top = top[result.hits[top] > 1].tolist()
+    def _record(self, result: EvaluationResult) -> None:
+        """History (every process), sinks and the verdict line (main process). The time spent in
+        the loop here counts as the monitor's; display work runs on the background thread."""
+        t0 = time.perf_counter()
+        if self._procs().is_main:
+            self._ensure_sinks()
             record = result.as_record()
-            self._tracker.log_scalars(record)
-            # display work (histogram, PNG encoding, figure, the saved evaluation) runs on the
-            # background thread, so the training loop does not wait for it; strict: here, raising
-            if self.strict:
-                self._log_display(record, result.hits, samples, top)
-            else:
-                self._background.submit(self._log_display, record, result.hits, samples, top)
-            spent = time.perf_counter() - t_end
-            result.timing["logging"] = spent
-            result.timing["monitor"] += spent
-            result.timing["total"] += spent
+            payloads = []
+            for sink in self._sinks:
+                if sink is self._history_sink:
+                    continue
+                sink.write(result, record)
+                if hasattr(sink, "display"):
+                    payloads.append((sink, sink.prepare(result) if hasattr(sink, "prepare") else None))
+            for sink, payload in payloads:  # PNG encoding, figures, files: off the training loop
+                if self.strict:
+                    sink.display(result, record, payload)
+                else:
+                    self._background.submit(sink.display, result, record, payload)
+            spent = time.perf_counter() - t0
+            result.timing.update(logging=spent, monitor=result.timing["monitor"] + spent,
+                                 total=result.timing["total"] + spent)
         record = result.as_record()
-        self.history = [r for r in self.history if r["step"] != result.step] + [record]
-        if main:
-            self._history_file.append(record)
-            if self._pruner is not None:
-                self._pruner.record(result.step, result.verdict, result.score)
-                self._prune_pending = True
-        logger.info("IRSMonitor step %s: %s (%s) after %d/%d samples; N_learned=%d, k_min=%d, IRS_inf=%s, adjusted=%s",
-                    result.step, result.verdict, result.rule, result.samples_used, result.budget, result.n_learned,
-                    result.k_min, result.estimate, "n/a" if result.adjusted is None else f"{result.adjusted:.3f}")
+        self.history = [r for r in self.history if r.step != result.step] + [record]
+        if self._procs().is_main:
+            self._history_sink.write(result, record)
+            logger.info("%s", _verdict_line(result))
 
-    def _log_display(self, record: dict, hits: torch.Tensor, samples, top) -> None:
-        """TensorBoard summaries and ``irs_last_evaluation.safetensors`` of one evaluation (runs on
-        the background thread unless strict)."""
-        over = None
-        if top:
-            try:
-                over = self._train_images(top)
-            except Exception as error:  # a display nicety: never fail the evaluation for it
-                logger.warning("IRSMonitor: could not load over-retrieved training images: %s", error)
+    # ------------------------------------------------------------------------------ checkpoints
+    def checkpoint_saved(self, path) -> None:
+        """A checkpoint is being written into ``path`` (the adapters call this from the trainer's
+        save hook, on every process that saves): register it and write the monitor's state into it.
+        Never raises unless ``strict``."""
         try:
-            self._tracker.log_display(record, hits=hits.numpy(), samples=samples, over_retrieved=over)
-        except Exception as error:
+            entry = self.registry.register(path)
+            if self._procs().is_main:
+                write_checkpoint_state(entry.path, entry, self.state_dict())
+        except Exception as error:  # noqa: BLE001
             if self.strict:
                 raise
-            hint = ("; call monitor.close() before accelerator.end_training()"
-                    if "closed" in str(error).lower() else "")  # the writer was closed under us
-            logger.warning("IRSMonitor: TensorBoard histogram/images of step %s not logged: %r%s",
-                           record["step"], error, hint)
-        try:  # hits per training image, for `irs report --evaluation`; a display aid, never fatal
-            save_evaluation(self._history_file.path.with_name(LAST_EVALUATION_NAME), record, hits)
-        except Exception as error:
-            logger.warning("IRSMonitor: could not save %s: %s", LAST_EVALUATION_NAME, error)
+            logger.error("IRSMonitor: could not record the checkpoint %s (%s); it will not be judged or pruned",
+                         path, error)
 
-    def _prune(self) -> None:
-        self._prune_pending = False
-        if not self._processes().is_main or self.prune_mode is None:
+    def _write_checkpoint_states(self, entries) -> None:
+        if not self._procs().is_main:
+            return
+        state = self.state_dict()
+        for entry in entries:
+            try:
+                if os.path.isdir(entry.path):
+                    write_checkpoint_state(entry.path, entry, state)
+            except OSError as error:
+                logger.error("IRSMonitor: could not update the monitor state in %s: %s", entry.path, error)
+
+    def checkpoint_loaded(self, path) -> None:
+        """Training resumes from the checkpoint in ``path`` (the adapters call this from the
+        trainer's load hook, before the weights are read): restore the monitor's state from it.
+        A checkpoint saved without the monitor gives an empty history and a warning."""
+        path = os.path.abspath(expand_path(path, "checkpoint folder"))
+        self._resumed_from = path
+        try:
+            state = read_checkpoint_state(path)
+        except ValueError as error:
+            state = None
+            logger.error("IRSMonitor: %s; starting with an empty history", error)
+        if state is None:
+            if self._procs().is_main:
+                logger.warning("IRSMonitor: %s holds no monitor state (saved before the monitor was added, or by a "
+                               "script without it): starting with an empty history", path)
+            return
+        self.load_state_dict(state["monitor"])
+
+    def _prune(self, saved) -> None:
+        if not self._procs().is_main or self._pruning_off is not None:
             return
         try:
-            self._ensure_outputs()
-            deleted = self._pruner.prune()
-            if deleted:
-                logger.info("IRSMonitor: %s checkpoints %s (ledger: %s)", "would delete" if self.dry_run else "deleted",
-                            ", ".join(deleted), self._pruner.ledger_path)
-        except Exception as error:
+            if not self.pruner.is_open:
+                if not self.registry.entries:
+                    return
+                self.pruner.open(default_ledger_folder(self.registry.entries[0].path), self.registry.run_id)
+            evaluations = {r.step: Verdict(r.verdict, r.score) for r in self.history}
+            for entry in saved:
+                if entry.step not in evaluations and ("unjudged", entry.path) not in self._warned:
+                    self._warned.add(("unjudged", entry.path))
+                    logger.warning("IRSMonitor: checkpoint %s (step %s) has no evaluation at its step and will never be "
+                                   "pruned: leave every_n_steps=None to evaluate at every checkpoint, or align it with "
+                                   "the checkpointing interval", entry.path, entry.step)
+            protected = {self._resumed_from: "training resumed from it"} if self._resumed_from else {}
+            changes = self.pruner.update(self.registry, evaluations, protected)
+        except Exception as error:  # noqa: BLE001 - pruning never stops the evaluations
             if self.strict:
                 raise
-            logger.warning("IRSMonitor: checkpoint pruning failed (nothing else affected): %s", error)
+            self._pruning_off = str(error)
+            logger.error("IRSMonitor: checkpoint pruning is off for this run: %s. Evaluations, history and TensorBoard "
+                         "go on; no checkpoint will be deleted.", error)
+            return
+        best = self.best
+        for path in changes["missing"]:
+            entry = self.registry.find(path)
+            is_best = best is not None and entry is not None and entry.step == best.step
+            logger.warning("IRSMonitor: checkpoint %s was deleted outside the monitor%s", path,
+                           f" -- it was the best-scoring one (step {best.step}, score {best.score:.4f})"
+                           if is_best else "")
+        for path, error in changes["failed"].items():
+            if ("failed", path) not in self._warned:
+                self._warned.add(("failed", path))
+                logger.warning("IRSMonitor: could not delete %s (%s); recorded in the ledger, the others go on",
+                               path, error)
+        if changes["deleted"]:
+            logger.info("IRSMonitor: %s %s (ledger: %s)", "would delete" if self.pruner.dry_run else "deleted",
+                        ", ".join(changes["deleted"]), self.pruner.ledger_path)
 
-    # -------------------------------------------------------------------------------- state
-    @property
-    def history_file(self) -> Path | None:
-        """Path of the JSON-lines history file (main process, once something was logged)."""
-        return None if self._history_file is None else self._history_file.path
-
-    @property
-    def best(self) -> dict | None:
-        """The history record with the highest score (adjusted IRS, else IRS_inf)."""
-        scored = [r for r in self.history if r.get("score") is not None]
-        return max(scored, key=lambda r: r["score"]) if scored else None
-
+    # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """JSON-able state: history, consecutive rejections, stop flag."""
-        return {"version": 1, "history": [dict(r) for r in self.history],
-                "consecutive_rejections": self.consecutive_rejections, "should_stop": self.should_stop}
+        """JSON-able state: history, early stopping, the checkpoints of this lineage."""
+        return {"version": 2, "history": [r.as_dict() for r in self.history], "stopping": self.stopping.state_dict(),
+                "checkpoints": self.registry.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict` (e.g. by ``accelerator.load_state``): the history file is
-        rewritten to match, so evaluations after the checkpoint are not counted twice."""
-        if not isinstance(state, dict) or state.get("version") != 1:
-            raise ValueError("not an IRSMonitor state_dict (expected a dict with version 1)")
-        self.history = [dict(r) for r in state["history"]]
-        self.consecutive_rejections = int(state["consecutive_rejections"])
-        self.should_stop = bool(state["should_stop"])
-        self._rewrite_history = True
-        self._purge_step = (max(r["step"] for r in self.history) + 1) if self.history else None
-        if self._pruner is not None:
-            self._pruner.set_evaluations(self.history)
-        if self._processes().is_main and self._history_file is not None:
-            self._ensure_outputs()
+        """Restore a :meth:`state_dict` (e.g. from a checkpoint): later evaluations are not counted
+        twice, and the history file is rewritten to match."""
+        if not isinstance(state, dict) or state.get("version") != 2:
+            raise ValueError("not an IRSMonitor state (expected a dict with version 2)")
+        self.history = [EvaluationRecord.from_dict(r) for r in state["history"]]
+        self.stopping.load_state_dict(state["stopping"])
+        self.registry.load_state_dict(state.get("checkpoints", {}))
+        if self._history_sink is not None:
+            self._history_sink.rewrite(self.history)
+
+    def flush(self) -> None:
+        """Wait until the background display work submitted so far is written."""
+        self._background.flush()
+
+    @property
+    def display_seconds(self) -> float:
+        """Seconds the background thread has spent on display work (TensorBoard images, figures,
+        the saved evaluation): off the training loop, but CPU time all the same."""
+        return self._background.seconds
 
     def close(self) -> None:
-        """Prune once more, wait for the background logging and flush the logs (at the end of training)."""
-        if self.prune_mode is not None:
-            self._prune()
+        """At the end of training, before ``accelerator.end_training()``: mark the last checkpoints
+        complete, prune once more, wait for the background logging, flush the writers and release
+        the pruning ledger."""
+        saved = self.registry.resolve(self._last_step)  # saved after the last step(): complete by now
+        if saved:
+            self._write_checkpoint_states(saved)
+        if self.pruner is not None:
+            self._prune(saved)
+            if self.pruner.is_open:
+                self.pruner.close()
         self._background.close()
-        if self._tracker is not None:
-            self._tracker.close()
+        for sink in self._sinks or ():
+            sink.close()
 
 
-# ------------------------------------------------------------------------------------ helpers
+class SetupError(EvaluationError):
+    """The monitor's reference could not be prepared (training data, extractor, bank)."""
 
 
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _len(data):
-    try:
-        return len(data)
-    except TypeError:
-        return "?"
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _to_unit(images: torch.Tensor, value_range) -> torch.Tensor:
-    if images.dtype == torch.uint8:
-        return images.float() / 255.0
-    lo, hi = value_range
-    return ((images.float() - lo) / (hi - lo)).clamp(0, 1)
-
-
-def _first_image(item):
-    if isinstance(item, dict):
-        for key in ("image", "images", "img", "pixel_values", "input", "input_ids"):
-            if key in item:
-                return item[key]
-        return next(iter(item.values()))
-    if isinstance(item, (tuple, list)):
-        return item[0]
-    return item
-
-
-def _guess_value_range(data) -> tuple[float, float]:
-    """(-1, 1) if float training images go below 0, else (0, 1) (uint8 needs none); logged."""
-    try:
-        if isinstance(data, (torch.Tensor, np.ndarray)):
-            sample = torch.as_tensor(np.asarray(data[:64]) if isinstance(data, np.ndarray) else data[:64])
-        elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, os.PathLike)):
-            n = len(data)
-            sample = torch.stack([torch.as_tensor(np.asarray(_first_image(data[i]))).float()
-                                  for i in range(0, n, max(1, n // 32))][:32])
-        else:
-            return (0.0, 1.0)
-    except Exception:
-        return (0.0, 1.0)
-    if sample.dtype == torch.uint8:
-        return (0.0, 1.0)
-    value_range = (-1.0, 1.0) if float(sample.min()) < -0.01 else (0.0, 1.0)
-    logger.info("IRSMonitor: training images look like value range %s (pass train_value_range= to override)",
-                value_range)
-    return value_range
-
-
-def _image_lookup(data, bank, value_range):
-    """Callable mapping bank rows to training images in [0, 1] (for the over-retrieved grid), or
-    None when the data cannot be indexed."""
-    meta = getattr(bank, "metadata", {}) or {}
-    rows = meta.get("train_indices")
-    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")) or isinstance(data, (str, os.PathLike)):
-        return None
-
-    def lookup(indices):
-        images = []
-        for i in indices:
-            item = data[int(rows[i]) if rows is not None else int(i)]
-            x = torch.as_tensor(np.asarray(_first_image(item)))
-            if x.ndim == 2:
-                x = x[None]
-            images.append(_to_unit(x[None], value_range)[0])
-        return torch.stack(images)
-
-    return lookup
+def _verdict_line(result: EvaluationResult) -> str:
+    """The one line an evaluation logs, every figure labelled."""
+    relation = ">" if result.n_learned > result.k_min else "<="
+    parts = [f"IRSMonitor step {result.step}: {result.verdict.upper()} ({result.rule}) after "
+             f"{result.samples_used}/{result.budget} samples",
+             f"N_learned {result.n_learned} {relation} k_min {result.k_min}"]
+    if result.estimate is not None:
+        parts.append(f"IRS_inf {result.estimate}")
+    if result.adjusted is not None:
+        parts.append(f"adjusted {result.adjusted:.3f} vs target {result.target_irs:g} (real IRS_inf "
+                     f"{result.real.estimate:.2%} from {result.real.n_samples} real images at this sampling rate)")
+    if result.n_invalid:
+        parts.append(f"{result.n_invalid} invalid")
+    parts.append(f"{result.timing.get('total', 0.0):.1f} s")
+    return "; ".join(parts)

@@ -1,204 +1,281 @@
-"""Checkpoint pruning by IRS verdict, for the diffusers convention ``output_dir/checkpoint-<step>``.
+"""Checkpoint pruning by IRS verdict, with a ledger written before anything is deleted.
 
-Each checkpoint directory ``checkpoint-<int>`` directly inside ``output_dir`` gets the verdict of
-the evaluation at its step (no evaluation at that step: it is kept, "not evaluated"). Mode
-``"rejected"`` deletes rejected checkpoints; mode ``"top_k"`` keeps the ``top_k`` best by score
-(the adjusted IRS, else IRS_inf) and deletes the other evaluated ones. Never deleted: the newest
-checkpoint, the best one, the one training resumed from, anything that is not a real directory
-named ``checkpoint-<int>`` directly inside ``output_dir`` (symlinks, foreign names, other places).
+The pruner judges only checkpoints the monitor saw being saved (a
+:class:`~irs_callbacks.checkpoints.CheckpointRegistry`, whatever their names), each by the
+evaluation at its training step. Mode ``"rejected"`` deletes rejected checkpoints; mode
+``"top_k"`` keeps the ``top_k`` best by score (the adjusted IRS, else IRS_inf) and deletes the
+other evaluated ones. Never deleted:
 
-Every decision is written to a JSON ledger (``irs_pruning_ledger.json`` in ``output_dir``,
-written atomically: temp file + ``os.replace``) *before* anything is deleted: a deletion is
-recorded as ``"pending"``, then the directory is removed, then the entry becomes ``"deleted"``.
-After a crash in between, the next :meth:`CheckpointPruner.prune` re-checks pending entries
-against the rules (deletes, or keeps them with the reason). ``dry_run`` only writes the ledger
-(status ``"would_delete"``).
+- the newest complete checkpoint *this run* wrote (not the highest step on disk: after a resume
+  from an earlier point, or a re-run into the same folder, the current run's checkpoints win);
+- the best-scoring one, the one training resumed from, unevaluated ones;
+- a checkpoint whose writing was interrupted (kept, marked ``incomplete``);
+- a folder that now holds another run's or another monitor's checkpoint (its state file carries
+  another id), symbolic links, anything that is not a real folder.
 
-Ledger schema (``version`` 1)::
+Every decision goes to a JSON ledger (default ``irs_pruning_ledger.json`` beside the checkpoints,
+written atomically) *before* anything is deleted: a deletion is recorded as ``"pending"``, then
+the folder is removed, then the entry becomes ``"deleted"``; a folder that cannot be removed
+becomes ``"delete_failed"`` (with the error) and the others go on. A registered folder that
+disappeared without the pruner (a trainer's ``checkpoints_total_limit``, Accelerate's
+``total_limit``, a user) is marked ``"missing"``. ``dry_run`` only writes the ledger
+(``"would_delete"``). One pruning monitor per ledger: a second one (in this or another live
+process) is refused.
 
-    {"version": 1, "output_dir": str, "mode": "rejected" | "top_k", "top_k": int | null,
-     "dry_run": bool,
-     "evaluations": {"<step>": {"verdict": "pass" | "reject", "score": float | null}},
-     "checkpoints": {"checkpoint-<step>": {"step": int, "verdict": str | null,
-        "score": float | null, "status": "kept" | "pending" | "deleted" | "would_delete",
+Ledger schema (``version`` 2)::
+
+    {"version": 2, "mode": "rejected" | "top_k", "top_k": int | null, "dry_run": bool,
+     "owner": {"run_id": str, "pid": int, "host": str},
+     "checkpoints": {"<folder>": {"step": int | null, "run_id": str, "checkpoint_id": str,
+        "verdict": "pass" | "reject" | null, "score": float | null,
+        "status": "kept" | "pending" | "deleted" | "would_delete" | "delete_failed" | "missing"
+                  | "incomplete" | "replaced",
         "reason": str, "time": ISO-8601 str}}}
+
+``<folder>`` is the path relative to the ledger's folder when inside it, else absolute.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from irs_callbacks.files import write_json_atomic
+from irs_callbacks.checkpoints import CheckpointRegistry, read_checkpoint_state
+from irs_callbacks.files import expand_path, write_json_atomic
+from irs_callbacks.validation import check_choice, check_int
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+__all__ = ["CheckpointPruner", "LEDGER_NAME", "PRUNE_MODES", "Verdict", "default_ledger_folder"]
+
 LEDGER_NAME = "irs_pruning_ledger.json"
 PRUNE_MODES = ("rejected", "top_k")
+LEDGER_VERSION = 2
+_HELD: dict[str, int] = {}  # ledger path -> id() of the pruner holding it in this process
 
-__all__ = ["CheckpointPruner", "CHECKPOINT_PATTERN", "LEDGER_NAME"]
+
+@dataclass(frozen=True)
+class Verdict:
+    """The evaluation a checkpoint is judged by."""
+
+    verdict: str
+    score: float | None
+
+
+def default_ledger_folder(checkpoint_path) -> Path:
+    """Where the ledger goes by default: beside the checkpoint folders (one level up for
+    Accelerate's automatic ``<project>/checkpoints/checkpoint_<i>``, whose container Accelerate
+    itself prunes and must hold folders only)."""
+    parent = Path(checkpoint_path).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class CheckpointPruner:
-    """Deletes rejected (or non-top-k) ``checkpoint-<step>`` directories, with a ledger.
+    """Deletes rejected (or non-top-k) checkpoints, recording why first (module docstring).
 
     Args:
-        output_dir: the folder holding ``checkpoint-<step>`` sub-directories.
-        mode: ``"rejected"`` (delete rejected checkpoints) or ``"top_k"`` (keep the ``top_k``
-            best by score among evaluated checkpoints).
-        top_k: how many evaluated checkpoints mode ``"top_k"`` keeps (>= 1).
-        dry_run: only write the ledger (status ``"would_delete"``), delete nothing.
-        ledger: ledger file path (default ``output_dir / "irs_pruning_ledger.json"``).
-        resumed_from: the checkpoint directory training resumed from (never deleted).
+        mode: ``"rejected"`` or ``"top_k"``.
+        top_k: checkpoints kept by ``"top_k"``.
+        dry_run: only write the ledger.
+        ledger: the ledger file (default: ``irs_pruning_ledger.json`` beside the first checkpoint).
     """
 
-    def __init__(self, output_dir, *, mode: str = "rejected", top_k: int = 3, dry_run: bool = False,
-                 ledger=None, resumed_from=None):
-        if output_dir is None or not isinstance(output_dir, (str, os.PathLike)):
-            raise TypeError(f"output_dir must be a path (str or os.PathLike), got {type(output_dir).__name__}")
-        if mode not in PRUNE_MODES:
-            raise ValueError(f"mode must be one of {PRUNE_MODES}, got {mode!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        self.output_dir = Path(output_dir)
-        self.mode, self.top_k, self.dry_run = mode, top_k, bool(dry_run)
-        self.ledger_path = Path(ledger) if ledger is not None else self.output_dir / LEDGER_NAME
-        self.evaluations: dict[int, dict] = {}
+    def __init__(self, mode: str = "rejected", *, top_k: int = 3, dry_run: bool = False, ledger=None):
+        self.mode = check_choice(mode, "mode", PRUNE_MODES)
+        self.top_k = check_int(top_k, "top_k", 1)
+        self.dry_run = bool(dry_run)
+        self.ledger_path = None if ledger is None else expand_path(ledger, "ledger")
         self.checkpoints: dict[str, dict] = {}
-        self.protected: dict[str, str] = {}  # realpath -> reason
-        if resumed_from is not None:
-            self.protect(resumed_from, "training resumed from it")
-        self._load_ledger()
+        self.run_id: str | None = None
 
-    # -- inputs -------------------------------------------------------------------------------
-    def record(self, step: int, verdict: str, score: float | None) -> None:
-        """Record the verdict (``"pass"``/``"reject"``) and score of the evaluation at ``step``."""
-        if verdict not in ("pass", "reject"):
-            raise ValueError(f"verdict must be 'pass' or 'reject', got {verdict!r}")
-        self.evaluations[int(step)] = {"verdict": verdict, "score": None if score is None else float(score)}
+    def __repr__(self) -> str:
+        return (f"CheckpointPruner(mode={self.mode!r}, top_k={self.top_k}, dry_run={self.dry_run}, "
+                f"ledger={None if self.ledger_path is None else str(self.ledger_path)!r})")
 
-    def set_evaluations(self, records) -> None:
-        """Replace all recorded evaluations by ``records`` (dicts with step, verdict, score)."""
-        self.evaluations = {}
-        for r in records:
-            if r.get("verdict") in ("pass", "reject"):
-                self.record(r["step"], r["verdict"], r.get("score"))
+    # -- the ledger ---------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self.run_id is not None
 
-    def protect(self, path, reason: str) -> None:
-        """Never delete ``path`` (e.g. the checkpoint training resumed from)."""
-        self.protected[os.path.realpath(path)] = reason
-
-    # -- ledger -------------------------------------------------------------------------------
-    def _load_ledger(self) -> None:
-        if not self.ledger_path.is_file():
+    def open(self, default_folder, run_id: str) -> None:
+        """Load (or start) the ledger and claim it for this run. Raises ValueError when it is
+        unreadable or held by another live monitor (the message says what to do)."""
+        if self.is_open:
             return
-        try:
-            data = json.loads(self.ledger_path.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"pruning ledger {self.ledger_path} is unreadable ({error}); move it away to start a new one") from error
-        for step, entry in data.get("evaluations", {}).items():
-            self.evaluations.setdefault(int(step), entry)
+        if self.ledger_path is None:
+            self.ledger_path = expand_path(default_folder, "ledger folder") / LEDGER_NAME
+        path = self.ledger_path
+        key = str(path.resolve())
+        if _HELD.get(key, id(self)) != id(self):
+            raise ValueError(f"pruning ledger {path} is already used by another monitor in this process; two "
+                             "pruning monitors on one folder would delete each other's checkpoints: give the second "
+                             "its own ledger and checkpoint folder, or prune with one monitor only")
+        data = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ValueError(f"pruning ledger {path} is unreadable ({error}); move it away to start a new "
+                                 "one") from None
+            owner = data.get("owner") or {}
+            if (owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+                    and owner["pid"] != os.getpid() and _pid_alive(owner["pid"])):
+                raise ValueError(f"pruning ledger {path} belongs to a monitor in another running process (pid "
+                                 f"{owner['pid']}); a second pruning monitor on the same checkpoints is refused")
+        if data and data.get("version") != LEDGER_VERSION:
+            raise ValueError(f"pruning ledger {path} has version {data.get('version')!r} (this library writes "
+                             f"{LEDGER_VERSION}); move it away to start a new one")
         self.checkpoints = dict(data.get("checkpoints", {}))
+        self.run_id = run_id
+        _HELD[key] = id(self)
+        self._save()
 
-    def _save_ledger(self) -> None:
+    def close(self) -> None:
+        """Release the ledger (the owner field is cleared; nothing else changes)."""
+        if not self.is_open:
+            return
+        key = str(self.ledger_path.resolve())
+        if _HELD.get(key) == id(self):
+            del _HELD[key]
+        self._save(owner=False)
+        self.run_id = None
+
+    def _save(self, owner: bool = True) -> None:
         write_json_atomic(self.ledger_path, {
-            "version": 1, "output_dir": str(self.output_dir), "mode": self.mode,
-            "top_k": self.top_k if self.mode == "top_k" else None, "dry_run": self.dry_run,
-            "evaluations": {str(s): e for s, e in sorted(self.evaluations.items())},
-            "checkpoints": dict(sorted(self.checkpoints.items(), key=lambda kv: kv[1]["step"])),
+            "version": LEDGER_VERSION, "mode": self.mode, "top_k": self.top_k if self.mode == "top_k" else None,
+            "dry_run": self.dry_run,
+            "owner": {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname()} if owner else None,
+            "checkpoints": dict(sorted(self.checkpoints.items(), key=lambda kv: (kv[1].get("step") is None,
+                                                                                  kv[1].get("step") or 0, kv[0]))),
         })
 
-    # -- rules --------------------------------------------------------------------------------
-    def scan(self) -> dict[str, int]:
-        """Checkpoint directories eligible for pruning: name -> step (real dirs only, no symlinks)."""
-        found = {}
-        if not self.output_dir.is_dir():
-            return found
-        root = os.path.realpath(self.output_dir)
-        with os.scandir(self.output_dir) as entries:
-            for entry in entries:
-                match = CHECKPOINT_PATTERN.match(entry.name)
-                if not match or entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                    continue
-                if os.path.dirname(os.path.realpath(entry.path)) != root:  # paranoia: stays inside
-                    continue
-                found[entry.name] = int(match.group(1))
-        return found
+    def _key(self, path: str) -> str:
+        """The ledger's name of a folder: relative to the ledger's folder when inside it (links are
+        not followed: a symbolic link is named as itself)."""
+        folder, path = os.path.abspath(self.ledger_path.parent), os.path.abspath(path)
+        return os.path.relpath(path, folder) if os.path.commonpath([path, folder]) == folder else path
 
-    def plan(self) -> dict[str, tuple[bool, str]]:
-        """For each existing checkpoint: (delete?, reason). Does not touch the disk."""
-        found = self.scan()
-        if not found:
-            return {}
-        newest = max(found, key=found.get)
-        judged = {n: s for n, s in found.items() if s in self.evaluations}
-        score = {n: self.evaluations[s]["score"] for n, s in judged.items()}
-        ranked = sorted(judged, key=lambda n: (-(score[n] if score[n] is not None else -float("inf")), -judged[n]))
-        best = ranked[0] if ranked else None
-        decisions = {}
-        for name, step in found.items():
-            realpath = os.path.realpath(self.output_dir / name)
-            ev = self.evaluations.get(step)
-            if name == newest:
-                decisions[name] = (False, "newest checkpoint")
-            elif realpath in self.protected:
-                decisions[name] = (False, self.protected[realpath])
-            elif ev is None:
-                decisions[name] = (False, f"not evaluated (no IRS evaluation at step {step})")
-            elif name == best:
-                decisions[name] = (False, f"best score ({_fmt(ev['score'])})")
-            elif self.mode == "rejected":
-                if ev["verdict"] == "reject":
-                    decisions[name] = (True, f"rejected at step {step} (score {_fmt(ev['score'])})")
+    # -- the rules ----------------------------------------------------------------------------
+    def plan(self, registry: CheckpointRegistry, evaluations: dict, protected: dict | None = None) -> dict:
+        """For each registered checkpoint: ``(status, reason)`` by the rules of the module
+        docstring, without touching the disk. ``evaluations``: step -> :class:`Verdict`;
+        ``protected``: absolute path -> reason."""
+        protected = {os.path.realpath(p): r for p, r in (protected or {}).items()}
+        newest = registry.newest()
+        present, decisions = {}, {}
+        for entry in registry.entries:
+            path = Path(entry.path)
+            done = self.checkpoints.get(self._key(entry.path), {})
+            if not path.exists() and not path.is_symlink():
+                if done.get("status") in ("pending", "deleted") and done.get("checkpoint_id") == entry.checkpoint_id:
+                    decisions[entry.path] = ("deleted", done.get("reason", "deleted"))  # by us (maybe before a crash)
                 else:
-                    decisions[name] = (False, f"passed at step {step} (score {_fmt(ev['score'])})")
+                    decisions[entry.path] = ("missing", "deleted outside the monitor (e.g. a trainer's "
+                                                        "checkpoints_total_limit or Accelerate's total_limit)")
+                continue
+            if path.is_symlink() or not path.is_dir():
+                decisions[entry.path] = ("kept", "not a real folder (symbolic link or file): never deleted")
+                continue
+            try:
+                state = read_checkpoint_state(path)
+            except ValueError:
+                state = None
+            if state is None or state["checkpoint"].get("checkpoint_id") != entry.checkpoint_id:
+                decisions[entry.path] = ("replaced", "the folder now holds a checkpoint this monitor did not save "
+                                                     "(another run or monitor): left alone")
+                continue
+            if not entry.complete:
+                decisions[entry.path] = ("incomplete", "writing was interrupted: never counted as the newest "
+                                                       "checkpoint, never deleted")
+                continue
+            present[entry.path] = entry
+        judged = {p: e for p, e in present.items() if e.step in evaluations}
+        score = {p: evaluations[e.step].score for p, e in judged.items()}
+        ranked = sorted(judged, key=lambda p: (-(score[p] if score[p] is not None else -float("inf")),
+                                               -judged[p].step))
+        best = ranked[0] if ranked else None
+        for path, entry in present.items():
+            verdict = evaluations.get(entry.step)
+            if newest is not None and path == newest.path:
+                decisions[path] = ("kept", "newest checkpoint of this run")
+            elif os.path.realpath(path) in protected:
+                decisions[path] = ("kept", protected[os.path.realpath(path)])
+            elif verdict is None:
+                decisions[path] = ("kept", f"not evaluated (no IRS evaluation at step {entry.step})")
+            elif path == best:
+                decisions[path] = ("kept", f"best score ({_fmt(verdict.score)})")
+            elif self.mode == "rejected":
+                delete = verdict.verdict == "reject"
+                what = "rejected" if delete else "passed"
+                decisions[path] = ("delete" if delete else "kept",
+                                   f"{what} at step {entry.step} (score {_fmt(verdict.score)})")
             else:
-                rank = ranked.index(name) + 1
-                keep = rank <= self.top_k
-                decisions[name] = (not keep, f"rank {rank} of {len(ranked)} by score ({_fmt(ev['score'])}); top_k={self.top_k}")
+                rank = ranked.index(path) + 1
+                decisions[path] = ("kept" if rank <= self.top_k else "delete",
+                                   f"rank {rank} of {len(ranked)} by score ({_fmt(verdict.score)}); top_k={self.top_k}")
         return decisions
 
-    def prune(self) -> list[str]:
-        """Apply the rules: write the ledger, then delete. Returns the names deleted (or that
-        would be, in dry-run). Call on the main process only."""
-        found = self.scan()
-        changed = False
-        for name, entry in self.checkpoints.items():  # finished deletions from an earlier crash
-            if entry["status"] == "pending" and name not in found and not os.path.lexists(self.output_dir / name):
-                entry.update(status="deleted", time=_now())
-                changed = True
-        decisions = self.plan()
+    def update(self, registry: CheckpointRegistry, evaluations: dict, protected: dict | None = None) -> dict:
+        """Apply the rules: write the ledger, then delete. Returns ``{"deleted": [...],
+        "missing": [...], "failed": {path: error}}`` for what changed in this call (in dry-run,
+        ``deleted`` lists what would be). Call on the main process only, after :meth:`open`."""
+        if not self.is_open:
+            raise RuntimeError("CheckpointPruner.update() before open()")
+        changes = {"deleted": [], "missing": [], "failed": {}}
         to_delete = []
-        for name, (delete, reason) in decisions.items():
-            step = found[name]
-            ev = self.evaluations.get(step) or {}
-            status = ("would_delete" if self.dry_run else "pending") if delete else "kept"
-            old = self.checkpoints.get(name, {})
-            if old.get("status") != status or old.get("reason") != reason:
-                self.checkpoints[name] = {"step": step, "verdict": ev.get("verdict"), "score": ev.get("score"),
-                                          "status": status, "reason": reason, "time": _now()}
-                changed = True
-            if delete:
-                to_delete.append(name)
-        if changed:
-            self._save_ledger()  # the ledger says why *before* anything is deleted
-        if self.dry_run:
-            return to_delete
-        for name in to_delete:
-            path = self.output_dir / name
-            if path.is_symlink() or not path.is_dir():  # changed under our feet: leave it
+        for path, (status, reason) in self.plan(registry, evaluations, protected).items():
+            entry = registry.find(path)
+            verdict = evaluations.get(entry.step)
+            if status == "delete":
+                status = "would_delete" if self.dry_run else "pending"
+                to_delete.append(path)
+            key = self._key(path)
+            old = self.checkpoints.get(key, {})
+            if old.get("status") == status and old.get("reason") == reason:
                 continue
-            shutil.rmtree(path)
-            self.checkpoints[name].update(status="deleted", time=_now())
-            self._save_ledger()
-        return to_delete
+            if status == "missing" and old.get("status") != "missing":
+                changes["missing"].append(path)
+            self.checkpoints[key] = {
+                "step": entry.step, "run_id": entry.run_id, "checkpoint_id": entry.checkpoint_id,
+                "verdict": None if verdict is None else verdict.verdict,
+                "score": None if verdict is None else verdict.score,
+                "status": status, "reason": reason, "time": _now()}
+        self._save()  # the ledger says why *before* anything is deleted
+        if self.dry_run:
+            changes["deleted"] = to_delete
+            return changes
+        for path in to_delete:
+            record = self.checkpoints[self._key(path)]
+            try:
+                if Path(path).is_symlink() or not Path(path).is_dir():
+                    raise OSError("no longer a real folder")
+                shutil.rmtree(path)
+            except OSError as error:
+                record.update(status="delete_failed", reason=f"{record['reason']}; could not delete: {error}",
+                              time=_now())
+                changes["failed"][path] = str(error)
+            else:
+                record.update(status="deleted", time=_now())
+                changes["deleted"].append(path)
+            self._save()
+        return changes
 
 
 def _fmt(score) -> str:

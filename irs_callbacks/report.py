@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from irs_callbacks.tracking import curve_figure, load_evaluation, read_history, save_evaluation  # noqa: F401
+from irs_callbacks.history import read_history
+from irs_callbacks.tracking import curve_figure, load_evaluation, save_evaluation  # noqa: F401
 
 __all__ = ["render_report", "retrieval_extremes"]
 

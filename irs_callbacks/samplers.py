@@ -9,8 +9,10 @@ indices). Three kinds, all made by :func:`as_sampler`:
   (DDPM, DDIM, ...), called as
   ``pipeline(batch_size=B, generator=[one generator per image], num_inference_steps=...,
   output_type="pt")``; optional EMA weights (diffusers ``EMAModel``: store / copy_to / restore).
-  :class:`DiADMSampler` does the same for ``diadm.DiADMPipeline``, with the training-feature
-  condition of each sample also fixed by its global index.
+  The generators live on the pipeline's device (no host-to-device copies of the noise, and no
+  diffusers warning per batch); images are therefore reproducible per device type.
+  Pipelines that know better provide ``as_irs_sampler(**options)`` (e.g. ``diadm.DiADMPipeline``,
+  whose conditions are fixed per global sample index too).
 - :class:`CallableSampler` -- a plain callable ``fn(batch_size, generator) -> images`` with a
   declared value range; ``generator`` is one ``torch.Generator`` per call, or (with
   ``per_sample_generators=True``) a list with one per image, the diffusers convention.
@@ -38,7 +40,8 @@ __all__ = [
     "Sampler",
     "PipelineSampler",
     "CallableSampler",
-    "DiADMSampler",
+    "preserved_rng",
+    "seeded_rng",
     "as_sampler",
     "sample_generators",
     "sample_seed",
@@ -59,26 +62,47 @@ def sample_generators(indices: Sequence[int], seed: int, device="cpu") -> list[t
 
 
 @contextlib.contextmanager
-def preserved_training_state(modules: Sequence[torch.nn.Module] = ()):
-    """Put ``modules`` in eval mode and run under ``torch.no_grad``; afterwards restore every
-    submodule's train/eval flag and the global RNG states (torch CPU, CUDA if initialised,
-    numpy, python ``random``) exactly."""
+def preserved_rng():
+    """Run a block without touching the caller's random streams: afterwards the global RNG states
+    (torch CPU, CUDA if initialised, numpy, python ``random``) are exactly what they were, however
+    much the block drew from them (DataLoaders draw a base seed, transforms flip coins)."""
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    flags = [(m, m.training) for module in modules for m in module.modules()]
     try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
+        yield
     finally:
-        for m, training in flags:
-            m.training = training
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int = 0):
+    """:func:`preserved_rng` with every global stream seeded from ``seed`` inside the block, so that
+    random data augmentation reads the same way each time (a stable reference-bank cache key)."""
+    with preserved_rng():
+        torch.manual_seed(seed)  # also seeds CUDA
+        np.random.seed(seed)
+        random.seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def preserved_training_state(modules: Sequence[torch.nn.Module] = ()):
+    """Put ``modules`` in eval mode and run under ``torch.no_grad`` and :func:`preserved_rng`;
+    afterwards every submodule's train/eval flag is restored exactly."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        with preserved_rng():
+            for module in modules:
+                module.eval()
+            with torch.no_grad():
+                yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def to_image_tensor(images) -> torch.Tensor:
@@ -199,6 +223,7 @@ class PipelineSampler(Sampler):
         self.output_type = output_type
         self.value_range = check_value_range(value_range)
         self.call_kwargs = call_kwargs
+        self._quiet = None
 
     def modules(self):
         components = getattr(self.pipeline, "components", None) or {}
@@ -210,13 +235,30 @@ class PipelineSampler(Sampler):
             return list(params)
         return list(self.pipeline.unet.parameters())
 
+    @property
+    def generator_device(self) -> str:
+        """The pipeline's device: noise is drawn where the model runs."""
+        return str(getattr(self.pipeline, "device", "cpu"))
+
+    def _quiet_pipeline(self):
+        """The pipeline with its progress bar off, built once from the pipeline's public
+        ``components`` (same modules, so training updates and EMA swaps are seen); the user's own
+        pipeline object and its progress-bar settings are never touched. Falls back to the
+        pipeline itself when its class cannot be rebuilt from its components."""
+        if self._quiet is None:
+            self._quiet = self.pipeline
+            components = getattr(self.pipeline, "components", None)
+            if components:
+                try:
+                    quiet = type(self.pipeline)(**components)
+                    quiet.set_progress_bar_config(disable=True)
+                    self._quiet = quiet
+                except Exception:  # noqa: BLE001 - an unusual pipeline: keep it as it is
+                    pass
+        return self._quiet
+
     @contextlib.contextmanager
     def context(self):
-        pipe = self.pipeline
-        had_config = hasattr(pipe, "_progress_bar_config")
-        old_config = getattr(pipe, "_progress_bar_config", None)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(**{**(old_config or {}), "disable": True})
         params = self._ema_params() if self.ema is not None else None
         if params is not None:
             self.ema.store(params)
@@ -226,55 +268,13 @@ class PipelineSampler(Sampler):
         finally:
             if params is not None:
                 self.ema.restore(params)
-            if had_config:
-                pipe._progress_bar_config = old_config
-            elif hasattr(pipe, "_progress_bar_config"):
-                del pipe._progress_bar_config
 
     def generate(self, indices, generators):
         kwargs = dict(self.call_kwargs)
         if self.num_inference_steps is not None:
             kwargs["num_inference_steps"] = self.num_inference_steps
-        return self.pipeline(batch_size=len(indices), generator=generators, output_type=self.output_type, **kwargs)
-
-
-class DiADMSampler(PipelineSampler):
-    """Samples ``diadm.DiADMPipeline`` with conditions fixed per global sample index.
-
-    Sample ``i`` is conditioned on training instance ``perm_r[i mod N]`` with ``r = i // N`` and
-    ``perm_r`` a permutation of the N bank rows seeded by ``(seed, r)``: every training instance
-    once per N samples (the pipeline's "cycle" strategy), but reproducible whatever the batch or
-    process split (the pipeline's own cycle state is not touched).
-    """
-
-    def sample(self, indices, seed):
-        self._seed = int(seed)
-        return super().sample(indices, seed)
-
-    def condition_indices(self, indices, seed: int) -> torch.Tensor:
-        n = int(self.pipeline.feature_bank.n_train)
-        perms = {}
-        rows = []
-        for i in indices:
-            r = int(i) // n
-            if r not in perms:
-                ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, r, 0xD1AD])
-                g = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint32)[0]))
-                perms[r] = torch.randperm(n, generator=g)
-            rows.append(int(perms[r][int(i) % n]))
-        return torch.tensor(rows, dtype=torch.long)
-
-    def generate(self, indices, generators):
-        kwargs = dict(self.call_kwargs)
-        if self.num_inference_steps is not None:
-            kwargs["num_inference_steps"] = self.num_inference_steps
-        conditions = self.pipeline.feature_bank(self.condition_indices(indices, self._seed))
-        return self.pipeline(batch_size=len(indices), conditions=conditions, generator=generators,
-                             output_type=self.output_type, **kwargs)
-
-
-def _is_diadm(obj) -> bool:
-    return hasattr(obj, "draw_conditions") and hasattr(obj, "feature_bank")
+        return self._quiet_pipeline()(batch_size=len(indices), generator=generators, output_type=self.output_type,
+                                      **kwargs)
 
 
 def _is_pipeline(obj) -> bool:
@@ -285,21 +285,35 @@ def _is_pipeline(obj) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
-def as_sampler(obj, *, value_range=None, num_inference_steps: int | None = None, ema=None, **kwargs) -> Sampler:
-    """A :class:`Sampler` for ``obj``: a Sampler (returned as is), a diffusers pipeline
-    (:class:`PipelineSampler`) or a callable ``fn(batch_size, generator)`` (:class:`CallableSampler`,
-    ``value_range`` default (0, 1))."""
+def as_sampler(obj, *, value_range=None, **options) -> Sampler:
+    """A :class:`Sampler` for ``obj``:
+
+    - a :class:`Sampler` is returned as is;
+    - an object with a method ``as_irs_sampler(**options)`` (the sampler protocol: a pipeline that
+      knows best how it should be sampled, e.g. ``diadm.DiADMPipeline``) gives that method's
+      result, which must be a :class:`Sampler`;
+    - a diffusers pipeline becomes a :class:`PipelineSampler` (``options``: its keyword arguments,
+      e.g. ``num_inference_steps``, ``ema``);
+    - a callable ``fn(batch_size, generator)`` becomes a :class:`CallableSampler` (``value_range``
+      default (0, 1)).
+    """
     if isinstance(obj, Sampler):
+        if options or value_range is not None:
+            raise ValueError("options cannot be applied to a ready Sampler; configure it when you build it")
         return obj
+    if callable(getattr(obj, "as_irs_sampler", None)):
+        sampler = obj.as_irs_sampler(**({"value_range": value_range} if value_range else {}), **options)
+        if not isinstance(sampler, Sampler):
+            raise TypeError(f"{type(obj).__name__}.as_irs_sampler() must return an irs_callbacks.samplers.Sampler, "
+                            f"got {type(sampler).__name__}")
+        return sampler
     if _is_pipeline(obj):
-        cls = DiADMSampler if _is_diadm(obj) else PipelineSampler
-        return cls(obj, num_inference_steps=num_inference_steps, ema=ema,
-                               value_range=value_range or (0.0, 1.0), **kwargs)
+        return PipelineSampler(obj, value_range=value_range or (0.0, 1.0), **options)
     if callable(obj):
-        if ema is not None or num_inference_steps is not None:
+        if "ema" in options or "num_inference_steps" in options:
             raise ValueError("ema and num_inference_steps apply to diffusers pipelines only; "
                              "a plain callable manages its own weights and steps")
-        return CallableSampler(obj, value_range or (0.0, 1.0), **kwargs)
+        return CallableSampler(obj, value_range or (0.0, 1.0), **options)
     raise TypeError(
         "sampler must be a diffusers DiffusionPipeline, a callable fn(batch_size, generator) -> images, "
         f"or an irs_callbacks.samplers.Sampler, got {type(obj).__name__}"

@@ -19,7 +19,7 @@ TensorBoard tags (all under ``irs/``; the step is the training step of the evalu
 
 The scalars and the history line are written in the training loop; the histogram, the images
 and the saved evaluation are drawn and encoded on one background thread (:class:`BackgroundWork`)
-so that the loop does not wait for them. History file: see :data:`HISTORY_SCHEMA`.
+so that the loop does not wait for them. The history file: :mod:`irs_callbacks.history`.
 """
 
 from __future__ import annotations
@@ -35,43 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from irs_callbacks.files import write_atomic, write_text_atomic
+from irs_callbacks.files import write_atomic
+from irs_callbacks.history import json_value
 
-__all__ = ["HistoryFile", "read_history", "save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME",
-           "TensorBoardLogger", "BackgroundWork", "HISTORY_SCHEMA", "SCALAR_TAGS"]
+__all__ = ["save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME", "TensorBoardLogger", "BackgroundWork",
+           "SCALAR_TAGS"]
 
 logger = logging.getLogger(__name__)
-
-HISTORY_SCHEMA = """\
-One JSON object per line, one line per evaluation, in order of training step:
-
-  step          int    training step of the evaluation
-  verdict       str    "pass" or "reject"
-  rule          str    what decided: "deterministic" (N_learned cannot reach k_min any more),
-                       "interim" (statistical early look), "final" (full budget), or null
-  stopped_early bool   decided before the budget was drawn
-  budget        int    samples the evaluation may draw
-  samples_used  int    samples drawn (invalid ones included)
-  n_learned     int    distinct training images retrieved (N_learned)
-  n_invalid     int    samples with NaN/Inf values (counted as failures, never learned)
-  n_train       int    training images in the reference bank (N_train)
-  k_min         int    rejection threshold for the full budget (reject iff N_learned <= k_min)
-  target_irs    float  target diversity (on the adjusted scale when real_irs is known)
-  alpha_e       float  error probability
-  irs_alpha     float  N_learned / N_train
-  estimate      float  IRS_inf (fraction of N_train; from the valid samples), or null
-  lower, upper  float  one-sided alpha_e bounds of IRS_inf, or null
-  adjusted      float  IRS_inf / IRS_inf(real), or null without a real reference
-  adjusted_lower, adjusted_upper  float  the bounds divided by IRS_inf(real), or null
-  real_irs      float  IRS_inf of held-out real data, or null
-  seed          int    sampling seed of the evaluation
-  timing        dict   seconds: sampling, features, monitor (everything else: retrieval +
-                       statistics + logging), total; parts of monitor: retrieval (search,
-                       gather, learned-set update, decision), logging (scalars + history; the
-                       histogram, images, figure and saved evaluation run on a background
-                       thread, see BackgroundWork, and are not in these timings)
-  curve         list   [[samples drawn, N_learned], ...] after each batch
-"""
 
 SCALAR_TAGS = ("irs/irs_alpha", "irs/estimate", "irs/lower", "irs/upper", "irs/adjusted",
                "irs/adjusted_lower", "irs/adjusted_upper", "irs/n_learned", "irs/k_min",
@@ -86,45 +56,6 @@ MARGIN_LAYOUT = {"IRS": {
 
 #: the latest evaluation (hits per training image + its record), written next to the history file
 LAST_EVALUATION_NAME = "irs_last_evaluation.safetensors"
-
-
-class HistoryFile:
-    """JSON-lines history of evaluations (schema: :data:`HISTORY_SCHEMA`)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
-            f.flush()
-
-    def rewrite(self, records) -> None:
-        """Replace the whole file by ``records`` atomically (used after a resume)."""
-        write_text_atomic(self.path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records))
-
-    def read(self) -> list[dict]:
-        return read_history(self.path)
-
-
-def read_history(path) -> list[dict]:
-    """The evaluations recorded in a history file, as a list of dicts."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
 
 
 def scalars_of(record: dict) -> dict[str, float]:
@@ -413,7 +344,7 @@ def save_evaluation(path, record: dict, hits) -> Path:
     from safetensors.torch import save_file
 
     hits = torch.as_tensor(np.asarray(hits), dtype=torch.int64).flatten().contiguous()
-    metadata = {"record": json.dumps(_jsonable(record))}
+    metadata = {"record": json.dumps(json_value(dict(record)))}
     return write_atomic(path, lambda tmp: save_file({"hits": hits}, str(tmp), metadata=metadata))
 
 

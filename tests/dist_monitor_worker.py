@@ -12,7 +12,7 @@ from accelerate.utils import ProjectConfiguration
 sys.path.insert(0, str(Path(__file__).parent))
 from monitor_helpers import PoolSampler, classes, digits, pixels, split  # noqa: E402
 
-from irs_callbacks import IRSMonitor  # noqa: E402
+from irs_callbacks import IRSMonitor, MonitorOptions, ReferenceConfig  # noqa: E402
 
 TRAIN, HELD = split()
 # "model quality" at each evaluation step: classes available (10 = every held-out digit, once)
@@ -40,8 +40,10 @@ def main(out):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[TRAIN]), batch_size=16)
     model, opt, loader = acc.prepare(model, opt, loader)
     sampler = Recording()
-    monitor = IRSMonitor(sampler, extractor=pixels, num_samples=300, batch_size=50, every_n_steps=4, patience=2,
-                         prune="rejected", progress=False, log_images=False).attach(acc)
+    shard = len(sys.argv) < 3 or sys.argv[2] != "replicate"
+    monitor = IRSMonitor(sampler, reference=ReferenceConfig(extractor=pixels, progress=False), num_samples=300,
+                         batch_size=50, patience=2, pruner="rejected",
+                         options=MonitorOptions(log_images=False, shard_bank=shard)).attach(acc, loader)
     step, stopped_at = 0, None
     for (batch,) in loader:
         acc.backward(model(batch.flatten(1)).pow(2).mean())
@@ -57,6 +59,7 @@ def main(out):
         if step >= 20:
             break
     acc.wait_for_everyone()
+    monitor.close()
     history = [{k: v for k, v in r.items() if k != "timing"} for r in monitor.history]
     result = {"rank": acc.process_index, "world": acc.num_processes, "history": history, "stopped_at": stopped_at,
               "seen": sampler.seen, "history_file": str(monitor.history_file) if monitor.history_file else None}

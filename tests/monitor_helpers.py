@@ -88,3 +88,24 @@ def tiny_pipeline(seed: int = 0, unet=None):
     from diffusers import DDIMPipeline, DDIMScheduler
 
     return DDIMPipeline(unet=unet if unet is not None else tiny_unet(seed), scheduler=DDIMScheduler(num_train_timesteps=100))
+
+
+def make_monitor(log_dir=None, *, bank=None, train=None, images=False, tensorboard=True, seed=0, fixed_noise=True,
+                 **kwargs):
+    """An IRSMonitor on the training digits (pixel features), without image logging by default.
+    ``bank``: a ready ReferenceBank instead of the training digits; other keyword arguments go to
+    IRSMonitor (num_samples 500 and batch_size 50 unless given)."""
+    from irs_callbacks import IRSMonitor
+    from irs_callbacks.monitor import MonitorOptions, ReferenceConfig
+
+    x, _ = digits()
+    train_indices, _ = split()
+    if bank is not None:
+        reference = ReferenceConfig(bank=bank, extractor=pixels)
+    else:
+        reference = ReferenceConfig(train_data=x[train_indices] if train is None else train, extractor=pixels,
+                                    progress=False)
+    kwargs.setdefault("num_samples", 500)
+    kwargs.setdefault("batch_size", 50)
+    options = MonitorOptions(log_images=images, tensorboard=tensorboard, seed=seed, fixed_noise=fixed_noise)
+    return IRSMonitor(reference=reference, log_dir=log_dir, options=options, **kwargs)

@@ -140,3 +140,35 @@ def test_unet2d_condition_model_with_edm_scheduler(tmp_path):
     assert loaded.feature_bank.config.extractor_identity == {"name": "toy"}
     with pytest.raises(ValueError, match="dimension"):
         DiADMPipeline(unet, EDMEulerScheduler(), torch.randn(N, D + 2))
+
+
+def test_pipeline_gives_its_own_irs_sampler_through_the_protocol():
+    """as_sampler finds DiADMSampler through as_irs_sampler (irs_callbacks never imports diadm);
+    conditions are fixed by the global sample index, whatever the batch split."""
+    from irs_callbacks.samplers import as_sampler, preserved_training_state
+
+    from diadm.sampler import DiADMSampler
+
+    pipe = _pipeline()
+    sampler = as_sampler(pipe, num_inference_steps=2)
+    assert isinstance(sampler, DiADMSampler) and sampler.num_inference_steps == 2
+    rows = sampler.condition_indices(range(2 * N)).tolist()
+    assert sorted(rows[:N]) == list(range(N)) and sorted(rows[N:]) == list(range(N))  # each once per N
+    assert sampler.condition_indices([3, 17]).tolist() == [rows[3], rows[17]]
+    with preserved_training_state(sampler.modules()), sampler.context():
+        whole = sampler.sample(range(5), seed=1)
+        parts = torch.cat([sampler.sample([0, 1], seed=1), sampler.sample([2, 3, 4], seed=1)])
+    torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-5)
+
+
+def test_n3_runs_on_a_diadm_pipeline():
+    """N3 draws from the pipeline's sampler by seed (this used to fail: a side channel between
+    sample() and generate())."""
+    from diadm.n3 import N3RejectionSampler
+
+    pipe = _pipeline()
+    training_images = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(2))  # the extractor sees RGB
+    features = torch.nn.functional.adaptive_avg_pool2d(training_images, 2).flatten(1)
+    n3 = N3RejectionSampler(features, extractor=lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+    result = n3.run(pipe.as_irs_sampler(num_inference_steps=2), seeds=range(16), batch_size=8, progress=False)
+    assert 1 <= result.accepted_seeds.numel() <= 12 and result.samples_seen == 16

@@ -24,14 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out, processes):
+def run(out, processes, mode="shard"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     if processes == 1:
-        cmd = [sys.executable, str(WORKER), str(out)]
+        cmd = [sys.executable, str(WORKER), str(out), mode]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(WORKER), str(out)]
+               "--main_process_port", str(free_port()), str(WORKER), str(out), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
@@ -43,13 +43,23 @@ def runs(tmp_path_factory):
     return run(base / "one", 1), run(base / "two", 2), base
 
 
-def test_two_processes_equal_one(runs):
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("dist") / "replicated", 2, mode="replicate")
+
+
+def test_two_processes_with_a_sharded_bank_equal_one(runs):
     (single,), (r0, r1), _ = runs
     assert r0["world"] == 2 and r1["world"] == 2
     assert [h["verdict"] for h in single["history"]] == ["reject", "pass", "reject", "reject"]
     assert r0["history"] == single["history"]  # verdicts, counts, curves, estimates: identical
     assert r1["history"] == single["history"]  # every rank holds the same learned set and decisions
     assert single["stopped_at"] == r0["stopped_at"] == r1["stopped_at"] == 16  # patience 2, on every rank
+
+
+def test_a_full_copy_per_process_gives_the_same(runs, replicated):
+    (single,), _, _ = runs
+    assert replicated[0]["history"] == replicated[1]["history"] == single["history"]
 
 
 def test_samples_are_split_not_repeated(runs):

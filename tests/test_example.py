@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from irs_callbacks.tracking import SCALAR_TAGS, read_history
+from irs_callbacks.history import read_history
+from irs_callbacks.tracking import SCALAR_TAGS
 
 from monitor_helpers import digits
 

@@ -9,10 +9,12 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 from irs_callbacks.lightning import IRSCallback  # noqa: E402
+from irs_callbacks.monitor import MonitorOptions, ReferenceConfig  # noqa: E402
 
 from monitor_helpers import PoolSampler, classes, digits, pixels, split  # noqa: E402
 
 TRAIN, HELD = split()
+PIXELS = ReferenceConfig(extractor=pixels, progress=False)
 
 
 class Tiny(pl.LightningModule):
@@ -50,12 +52,12 @@ def fit(tmp_path, callback, max_steps):
 
 
 def test_callback_feeds_model_checkpoint_and_logger(tmp_path):
-    cb = IRSCallback(sampler_factory=improving_sampler, extractor=pixels, every_n_steps=2, num_samples=300,
-                     batch_size=100, progress=False)
+    cb = IRSCallback(sampler_factory=improving_sampler, reference=PIXELS, every_n_steps=2, num_samples=300,
+                     batch_size=100)
     trainer, ckpt = fit(tmp_path, cb, max_steps=10)
     history = cb.monitor.history
     assert [r["step"] for r in history] == [2, 4, 6, 8, 10]
-    assert cb.monitor.train_data is not None and len(cb.monitor.train_data) == len(TRAIN)  # found in the trainer
+    assert len(cb.monitor.reference.train_data) == len(TRAIN)  # found in the trainer
     assert history[0]["verdict"] == "reject" and history[-1]["verdict"] == "pass"
     assert float(trainer.callback_metrics["irs/adjusted"]) == pytest.approx(history[-1]["adjusted"], rel=1e-6)
     best = max(history, key=lambda r: r["adjusted"])
@@ -70,15 +72,15 @@ def test_callback_feeds_model_checkpoint_and_logger(tmp_path):
     assert "irs/hits" in ea.Tags()["histograms"]
     # history file in the logger's directory; the callback state round-trips
     assert cb.monitor.history_file.parent == type(cb.monitor.history_file)(trainer.log_dir)
-    clone = IRSCallback(extractor=pixels)
+    clone = IRSCallback(reference=PIXELS)
     clone.load_state_dict(cb.state_dict())
     assert clone.monitor.history == history
 
 
 def test_patience_sets_should_stop(tmp_path):
     collapsed = PoolSampler(classes([7], HELD), replace=True)
-    cb = IRSCallback(collapsed, extractor=pixels, every_n_steps=2, num_samples=200, batch_size=100, patience=2,
-                     progress=False, log_images=False)
+    cb = IRSCallback(collapsed, reference=PIXELS, every_n_steps=2, num_samples=200, batch_size=100, patience=2,
+                     options=MonitorOptions(log_images=False))
     trainer, _ = fit(tmp_path, cb, max_steps=20)
     assert [r["verdict"] for r in cb.monitor.history] == ["reject", "reject"]
     assert trainer.global_step == 4 and trainer.should_stop

@@ -30,6 +30,7 @@ def record(step, hits_rng):
         "k_min": 20, "target_irs": 0.8, "alpha_e": 0.05, "irs_alpha": k / N_TRAIN, "estimate": est.estimate,
         "lower": est.lower, "upper": est.upper, "adjusted": est.estimate / 0.9, "adjusted_lower": est.lower / 0.9,
         "adjusted_upper": est.upper / 0.9, "real_irs": 0.9, "seed": 0, "timing": {}, "curve": curve,
+        "target_s": 0.8 * 0.9 * N_TRAIN, "score": est.estimate / 0.9,
     }, drawn
 
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from irs_callbacks import IRSMonitor
+from irs_callbacks.history import HISTORY_SCHEMA, EvaluationRecord, HistoryFile, read_history, schema_markdown
 from irs_callbacks.stats import expected_irs
-from irs_callbacks.tracking import (HISTORY_SCHEMA, SCALAR_TAGS, HistoryFile, TensorBoardLogger, curve_figure,
-                                    expected_learned, read_history, scalars_of)
+from irs_callbacks.tracking import SCALAR_TAGS, TensorBoardLogger, curve_figure, expected_learned, scalars_of
 
-from monitor_helpers import PoolSampler, classes, digits, pixels, split
+from monitor_helpers import PoolSampler, classes, digits, make_monitor, pixels, split
 
 TRAIN, HELD = split()
 
@@ -31,9 +30,7 @@ def run_two_evaluations(monitor):
 
 
 def test_tensorboard_events_hold_every_tag_with_the_recorded_values(tmp_path):
-    x, _ = digits()
-    m = IRSMonitor(train_data=x[TRAIN], extractor=pixels, num_samples=300, batch_size=60, log_dir=tmp_path,
-                   progress=False, num_log_images=16)
+    m = make_monitor(tmp_path, num_samples=300, batch_size=60, images=True)
     history = run_two_evaluations(m)
     m.close()  # flushes the writer
     ea = events(tmp_path / "irs")
@@ -97,43 +94,58 @@ def test_accelerate_tracker_is_used_when_present(tmp_path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from irs_callbacks import IRSMonitor
+    from irs_callbacks.monitor import MonitorOptions, ReferenceConfig
+
     x, _ = digits()
     acc = Accelerator(cpu=True, log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(tmp_path)))
     acc.init_trackers("run")
     loader = acc.prepare(torch.utils.data.DataLoader(x[TRAIN], batch_size=64))
-    m = IRSMonitor(extractor=pixels, num_samples=200, batch_size=100, progress=False, log_images=False).attach(acc)
-    assert m.train_data is loader.dataset
+    m = IRSMonitor(reference=ReferenceConfig(extractor=pixels, progress=False), num_samples=200, batch_size=100,
+                   options=MonitorOptions(log_images=False)).attach(acc, loader)
+    assert m.reference.train_data is loader
     m.evaluate(PoolSampler(HELD, replace=False), step=5)
+    m.close()
     acc.end_training()
     ea = events(tmp_path / "run")
     assert set(SCALAR_TAGS) <= set(ea.Tags()["scalars"])
     assert not (tmp_path / "irs").exists()  # no second writer
-    assert read_history(tmp_path / "irs_history.jsonl")[0]["step"] == 5  # history next to the logs
+    assert read_history(tmp_path / "irs_history.jsonl")[0].step == 5  # history next to the logs
 
 
 def test_history_file_schema_and_rewrite(tmp_path):
-    x, _ = digits()
-    m = IRSMonitor(train_data=x[TRAIN], extractor=pixels, num_samples=300, batch_size=60, log_dir=tmp_path,
-                   progress=False, tensorboard=False, log_images=False)
+    m = make_monitor(tmp_path, num_samples=300, batch_size=60, tensorboard=False)
     history = run_two_evaluations(m)
     on_disk = read_history(m.history_file)
-    assert on_disk == json.loads(json.dumps(history))
+    assert on_disk == history and all(isinstance(r, EvaluationRecord) for r in on_disk)
+    raw = json.loads(m.history_file.read_text().splitlines()[0])
     documented = {line.split()[0] for line in HISTORY_SCHEMA.splitlines()[2:] if line[:2] == "  " and line[2] != " "}
-    documented |= {"lower", "upper", "adjusted_lower", "adjusted_upper"}
-    assert set(on_disk[0]) - {"score", "target_s"} <= documented
-    for key in ("step", "verdict", "rule", "samples_used", "n_learned", "k_min", "irs_alpha", "estimate", "lower",
-                "upper", "adjusted", "n_invalid", "timing", "curve"):
-        assert key in on_disk[0]
-    assert set(on_disk[0]["timing"]) == {"sampling", "features", "retrieval", "monitor", "logging", "total"}
+    assert set(raw) == documented  # the schema is generated from the record: every key, nothing else
+    assert set(raw["timing"]) == {"sampling", "features", "retrieval", "monitor", "logging", "total"}
     r = on_disk[1]
-    assert r["lower"] <= r["estimate"] <= r["upper"] and r["curve"][-1] == [r["samples_used"], r["n_learned"]]
+    assert r.lower <= r.estimate <= r.upper and r["curve"][-1] == [r.samples_used, r.n_learned]
     # load_state_dict rewrites the file to the restored history (no double counting after resume)
-    m.load_state_dict({**m.state_dict(), "history": history[:1]})
-    m._ensure_outputs()
-    assert [e["step"] for e in read_history(m.history_file)] == [10]
+    m.load_state_dict({**m.state_dict(), "history": [history[0].as_dict()]})
+    assert [e.step for e in read_history(m.history_file)] == [10]
     f = HistoryFile(tmp_path / "h.jsonl")
-    f.rewrite([{"step": 1, "x": float("nan")}])
-    assert f.read() == [{"step": 1, "x": None}]  # non-finite floats become null (valid JSON)
+    f.rewrite([EvaluationRecord.from_dict({**history[0].as_dict(), "estimate": float("nan")})])
+    assert f.path.read_text().count('"estimate": null') == 1  # non-finite floats become null (valid JSON)
+
+
+def test_history_readme_table_is_generated_from_the_record():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert schema_markdown() in readme, "README's history table is stale: paste irs_callbacks.history.schema_markdown()"
+
+
+def test_cut_off_history_line_is_a_clear_error(tmp_path):
+    path = tmp_path / "irs_history.jsonl"
+    path.write_text('{"step": 1, "verdict": "pass"')
+    with pytest.raises(ValueError, match="line 1 is not an evaluation record"):
+        read_history(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_history(tmp_path / "missing.jsonl")
 
 
 def test_expected_curve_is_eq_2():
@@ -195,23 +207,28 @@ def test_background_work_runs_in_order_off_the_caller_and_survives_failures(capl
 def test_monitor_logging_failures_warn_unless_strict(tmp_path, caplog):
     import logging
 
-    x, _ = digits()
+    class FailingWriter:
+        def add_custom_scalars(self, layout):
+            pass
 
-    def failing_log(*args, **kwargs):
-        raise OSError("event file not writable (simulated)")
+        def add_scalar(self, *args):
+            pass
 
-    kwargs = dict(train_data=x[TRAIN], extractor=pixels, num_samples=120, batch_size=60, log_dir=tmp_path,
-                  progress=False, every_n_steps=10)
-    m = IRSMonitor(**kwargs)
-    m._ensure_reference()
-    m._tracker.log_display = failing_log
+        def add_histogram(self, *args):
+            raise OSError("event file not writable (simulated)")
+
+        def flush(self):
+            pass
+
+    def monitor(strict):
+        m = make_monitor(tmp_path / str(strict), num_samples=120, batch_size=60, every_n_steps=10, strict=strict)
+        return m.connect(tensorboard=TensorBoardLogger(FailingWriter(), images=False, figure=False))
+
+    m = monitor(False)
     with caplog.at_level(logging.WARNING):
         assert m.step(10, sampler=PoolSampler(HELD, replace=False)) is False
         m.close()
     assert "not writable" in caplog.text
-    assert [r["step"] for r in read_history(m.history_file)] == [10]  # the evaluation itself is recorded
-    strict = IRSMonitor(**kwargs, strict=True)
-    strict._ensure_reference()
-    strict._tracker.log_display = failing_log
+    assert [r.step for r in read_history(m.history_file)] == [10]  # the evaluation itself is recorded
     with pytest.raises(OSError, match="not writable"):
-        strict.step(10, sampler=PoolSampler(HELD, replace=False))
+        monitor(True).step(10, sampler=PoolSampler(HELD, replace=False))
