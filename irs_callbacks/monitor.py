@@ -515,12 +515,13 @@ class IRSMonitor:
                     return
                 self.pruner.open(default_ledger_folder(self.registry.entries[0].path), self.registry.run_id)
             evaluations = {r.step: Verdict(r.verdict, r.score) for r in self.history}
-            for entry in saved:
-                if entry.step not in evaluations and ("unjudged", entry.path) not in self._warned:
-                    self._warned.add(("unjudged", entry.path))
-                    logger.warning("IRSMonitor: checkpoint %s (step %s) has no evaluation at its step and will never be "
-                                   "pruned: leave every_n_steps=None to evaluate at every checkpoint, or align it with "
-                                   "the checkpointing interval", entry.path, entry.step)
+            unjudged = [entry for entry in saved if entry.step not in evaluations]
+            if unjudged and "unjudged" not in self._warned:
+                self._warned.add("unjudged")
+                logger.warning("IRSMonitor: checkpoint %s (step %s) has no evaluation at its step, so it (and any "
+                               "other such checkpoint) will never be pruned: leave every_n_steps=None to evaluate at "
+                               "every checkpoint, or align it with the checkpointing interval",
+                               unjudged[0].path, unjudged[0].step)
             protected = {self._resumed_from: "training resumed from it"} if self._resumed_from else {}
             changes = self.pruner.update(self.registry, evaluations, protected)
         except Exception as error:  # noqa: BLE001 - pruning never stops the evaluations

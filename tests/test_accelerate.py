@@ -85,7 +85,7 @@ def run(out, steps, *, crash_at=None, resume=None, pruner=None, monitor=True, co
             step += 1
             counter.count = step
             if m is not None:
-                m.sampler.n_classes = min(10, 2 * (step // 4))  # the "model" improves as it trains
+                m.sampler.n_classes = min(10, max(1, 2 * (step // 4)))  # the "model" improves as it trains
             if step % every == 0:
                 ClassSampler.inside_save = True
                 try:
@@ -222,3 +222,36 @@ def test_no_arguments_infers_the_sampler_from_the_saved_unet(tmp_path, caplog):
     assert m.sampler.pipeline.unet is acc.unwrap_model(unet)
     assert [r.step for r in m.history] == [2]  # evaluated at the checkpoint, only there
     assert "sampler = DDIM" in caplog.text
+
+
+def test_a_pruning_problem_never_stops_the_evaluations(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LEDGER_NAME).write_text("{cut off")  # unreadable ledger
+    with caplog.at_level(logging.WARNING, logger="irs_callbacks.monitor"):
+        m = run(out, 12, pruner="rejected")
+        m.close()
+    assert [r.step for r in m.history] == [4, 8, 12]  # every evaluation recorded
+    errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "pruning is off" in errors[0] and "no checkpoint will be deleted" in errors[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+
+
+def test_unjudged_checkpoints_are_reported_once(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="irs_callbacks.monitor"):
+        m = run(tmp_path / "run", 12, pruner="rejected", every=2)  # checkpoints every 2 steps ...
+    assert [r.step for r in m.history] == [2, 4, 6, 8, 10, 12]  # ... evaluations follow them
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="irs_callbacks.monitor"):
+        m = monitor_for("rejected", every_n_steps=4)
+        x, _ = digits()
+        acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path / "b")))
+        model = acc.prepare(torch.nn.Linear(4, 4))
+        m.attach(acc, torch.utils.data.TensorDataset(x[TRAIN]))
+        for step in range(1, 9):
+            if step % 2 == 0:
+                acc.save_state(str(tmp_path / "b" / f"checkpoint-{step}"))
+            m.step(step)
+        del model
+    unjudged = [r for r in caplog.records if "no evaluation at its step" in r.message]
+    assert len(unjudged) == 1 and "checkpoint-2" in unjudged[0].message
