@@ -125,7 +125,8 @@ class IRSMonitor:
             ``"top_k"`` (default None: nothing is ever deleted).
         log_dir: history, TensorBoard events (without the trainer's writer) and the bank cache;
             default: the trainer's logging folder, else ``./irs_logs``.
-        strict: raise on monitoring problems (NaN samples included) instead of logging them.
+        strict: raise on monitoring problems (NaN samples included) instead of logging them; a failure
+            of the background display work is raised from the next step(), flush() or close().
         options: :class:`MonitorOptions`.
     """
 
@@ -222,8 +223,11 @@ class IRSMonitor:
 
     @property
     def history_file(self) -> Path | None:
-        """Path of the JSON-lines history (main process, once something was logged)."""
-        return None if self._history_sink is None else self._history_sink.path
+        """Path of the JSON-lines history (``MonitorOptions(history_file=...)``, else
+        ``<log_folder>/irs_history.jsonl``); None on processes other than the main one."""
+        if not self._procs().is_main:
+            return None
+        return self.options.history_file or self.log_folder / HISTORY_NAME
 
     @property
     def should_stop(self) -> bool:
@@ -299,7 +303,7 @@ class IRSMonitor:
         """History, TensorBoard and the saved evaluation (main process only)."""
         if self._sinks is not None or not self._procs().is_main:
             return
-        path = self.options.history_file or self.log_folder / HISTORY_NAME
+        path = self.history_file
         history = HistorySink(path)
         if self.history or self._resumed_from is not None:
             history.rewrite(self.history)  # resumed: exactly the restored evaluations
@@ -337,6 +341,7 @@ class IRSMonitor:
         returns True when training should stop (``patience``). Never raises on monitoring
         problems unless ``strict``."""
         step = check_int(step, "step", 0)
+        self._raise_if_strict()
         self._last_step = step
         if sampler is not None:
             self.sampler = sampler
@@ -449,10 +454,7 @@ class IRSMonitor:
                 if hasattr(sink, "display"):
                     payloads.append((sink, sink.prepare(result) if hasattr(sink, "prepare") else None))
             for sink, payload in payloads:  # PNG encoding, figures, files: off the training loop
-                if self.strict:
-                    sink.display(result, record, payload)
-                else:
-                    self._background.submit(sink.display, result, record, payload)
+                self._background.submit(sink.display, result, record, payload)
             spent = time.perf_counter() - t0
             result.timing.update(logging=spent, monitor=result.timing["monitor"] + spent,
                                  total=result.timing["total"] + spent)
@@ -565,8 +567,16 @@ class IRSMonitor:
             self._history_sink.rewrite(self.history)
 
     def flush(self) -> None:
-        """Wait until the background display work submitted so far is written."""
+        """Wait until the background display work submitted so far is written (strict: and raise
+        what failed there)."""
         self._background.flush()
+        self._raise_if_strict()
+
+    def _raise_if_strict(self) -> None:
+        """In strict mode, a display job that failed on the background thread raises here, in the
+        caller's next call (step, flush, close); otherwise it was a logged warning."""
+        if self.strict:
+            self._background.raise_failure()
 
     @property
     def display_seconds(self) -> float:
@@ -588,6 +598,7 @@ class IRSMonitor:
         self._background.close()
         for sink in self._sinks or ():
             sink.close()
+        self._raise_if_strict()
 
 
 class SetupError(EvaluationError):

@@ -176,14 +176,16 @@ class BackgroundWork:
     """Runs display work (TensorBoard summaries, the saved evaluation) on one worker thread, in the
     order submitted, so that the training loop does not wait for PNG encoding and file writes.
 
-    A failing job is logged as a warning and never reaches the training loop. :meth:`flush`
-    waits until everything submitted has run; pending jobs also finish before the interpreter
-    exits. ``seconds`` is the time the jobs took (worker thread).
+    A failing job is logged as a warning and kept in ``failures``; it never reaches the training
+    loop by itself (:meth:`raise_failure` re-raises it where the caller wants it, e.g. a monitor in
+    strict mode). :meth:`flush` waits until everything submitted has run; pending jobs also finish
+    before the interpreter exits. ``seconds`` is the time the jobs took (worker thread).
     """
 
     def __init__(self, *, name: str = "irs-logging"):
         self.name = name
         self.seconds = 0.0
+        self.failures: list[BaseException] = []
         self._executor = None  # started with the first job (again after close)
         self._pending = []
         self._lock = threading.Lock()
@@ -203,6 +205,12 @@ class BackgroundWork:
         for future in pending:
             future.result()
 
+    def raise_failure(self) -> None:
+        """Re-raise the first failure kept since the last call (and forget them all)."""
+        failures, self.failures = self.failures, []
+        if failures:
+            raise failures[0]
+
     def close(self) -> None:
         """Finish the pending jobs and stop the worker thread."""
         self.flush()
@@ -216,6 +224,7 @@ class BackgroundWork:
         try:
             fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - a display problem must never stop training
+            self.failures.append(error)
             logger.warning("IRSMonitor: background logging (%s) failed: %r", getattr(fn, "__name__", fn), error)
         finally:
             self.seconds += time.perf_counter() - t0

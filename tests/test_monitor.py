@@ -265,7 +265,7 @@ def test_early_stopping_policy_alone():
 def test_evaluate_without_step_is_not_recorded(tmp_path, bank):
     m = make_monitor(tmp_path, bank=bank, num_samples=100)
     r = m.evaluate(PoolSampler(HELD, replace=False))
-    assert r.step is None and m.history == [] and m.history_file is None
+    assert r.step is None and m.history == [] and not m.history_file.exists()
     assert r.verdict in ("pass", "reject") and r.irs_alpha == r.n_learned / bank.n_train
 
 

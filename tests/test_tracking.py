@@ -230,5 +230,7 @@ def test_monitor_logging_failures_warn_unless_strict(tmp_path, caplog):
         m.close()
     assert "not writable" in caplog.text
     assert [r.step for r in read_history(m.history_file)] == [10]  # the evaluation itself is recorded
+    strict = monitor(True)
+    strict.step(10, sampler=PoolSampler(HELD, replace=False))  # the display work runs in the background ...
     with pytest.raises(OSError, match="not writable"):
-        monitor(True).step(10, sampler=PoolSampler(HELD, replace=False))
+        strict.flush()  # ... and in strict mode its failure is raised from the next call
