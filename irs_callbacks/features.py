@@ -85,6 +85,7 @@ __all__ = [
     "DEFAULT_EXTRACTOR",
     "FeatureExtractor",
     "WeightsUnavailableError",
+    "ValueRangeError",
     "get_extractor",
     "register_extractor",
     "list_extractors",
@@ -108,6 +109,17 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could neither be downloaded nor found locally."""
+
+
+class ValueRangeError(ValueError):
+    """Float images with values outside their declared ``value_range`` (beyond the tolerance).
+
+    ``value_range`` is the declared (low, high), ``observed`` the (min, max) of the finite
+    values, ``suggested`` a range that would hold them (e.g. (0, 255)) or None."""
+
+    def __init__(self, message: str, value_range, observed, suggested=None):
+        super().__init__(message)
+        self.value_range, self.observed, self.suggested = tuple(value_range), tuple(observed), suggested
 
 
 # --------------------------------------------------------------------------- the extractor
@@ -268,23 +280,25 @@ def to_unit_range(images, value_range=(0, 1)) -> torch.Tensor:
     highest = torch.where(finite, x, -torch.inf).amax()
     lowest, highest = float(lowest), float(highest)  # +-inf when no value is finite
     if lowest < -VALUE_RANGE_TOLERANCE or highest > 1.0 + VALUE_RANGE_TOLERANCE:
-        raise ValueError(_range_message(low, high, lowest * (high - low) + low, highest * (high - low) + low))
+        raise _range_error(low, high, lowest * (high - low) + low, highest * (high - low) + low)
     if lowest < 0.0 or highest > 1.0:  # within the tolerance: clip, keeping NaN/Inf as they are
         x = torch.where(finite, x.clamp(0.0, 1.0), x)
     return x
 
 
-def _range_message(low: float, high: float, lowest: float, highest: float) -> str:
+def _range_error(low: float, high: float, lowest: float, highest: float) -> ValueRangeError:
     """One line: the declared range, what was seen, and the likely fix."""
     seen = f"images have values in [{lowest:.4g}, {highest:.4g}], outside value_range=({low:g}, {high:g})"
     if lowest >= low - VALUE_RANGE_TOLERANCE * (high - low) and 1.5 * high < highest <= 255 * 1.01 and low >= 0:
-        fix = "floats in 0..255: divide by 255 or pass value_range=(0, 255)"
+        suggested, fix = (0.0, 255.0), "floats in 0..255: divide by 255 or pass value_range=(0, 255)"
     elif (low, high) == (0.0, 1.0) and -1.01 <= lowest < 0 and highest <= 1.01:
+        suggested = (-1.0, 1.0)
         fix = "floats in -1..1 (the diffusers convention): pass value_range=(-1, 1) or map them with x / 2 + 0.5"
     else:
-        fix = (f"pass the range the images are in (value_range=(low, high), e.g. ({math.floor(lowest):g}, "
-               f"{math.ceil(highest):g})) or clamp them")
-    return f"{seen} (tolerance {VALUE_RANGE_TOLERANCE:.0%} of its width): {fix}"
+        suggested = (float(math.floor(lowest)), float(math.ceil(highest)))
+        fix = f"pass the range the images are in (value_range=({suggested[0]:g}, {suggested[1]:g})?) or clamp them"
+    message = f"{seen} (tolerance {VALUE_RANGE_TOLERANCE:.0%} of its width): {fix}"
+    return ValueRangeError(message, (low, high), (lowest, highest), suggested)
 
 
 # --------------------------------------------------------------------------- weights
