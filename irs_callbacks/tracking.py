@@ -98,7 +98,7 @@ MARGIN_LAYOUT = {"IRS": {
 def margin_layout_summary(layout: dict = MARGIN_LAYOUT):
     """The custom-scalars layout ``layout`` as a TensorBoard ``Summary`` protobuf (margin charts
     with several series; ``SummaryWriter.add_custom_scalars`` takes only one per chart)."""
-    from tensorboard.compat.proto import layout_pb2
+    from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
