@@ -18,16 +18,20 @@ How ``real`` is measured (``measure_real``):
 
 The measurement gap depends on the sampling rate alpha = n / N (paper Table 4), so the adjusted
 score compares like with like: both sides are measured at the same alpha. The bank keeps each
-real query's retrieved index (``real_nearest``); the side with the larger alpha is subsampled to
-the other's, as the paper's authors do, but without the noise of a few random subsets: the
-number of distinct training images a uniformly random subset of m of the n queries retrieves
-has the exact mean (hypergeometric; "rarefaction", Hurlbert 1971)
+real query's retrieved index (``real_nearest``), and the side with the larger alpha is
+subsampled to the other's, as the paper's authors do: ``SUBSET_REPEATS`` (32) random subsets of
+m of its n draws without replacement, from ``numpy.random.default_rng(SUBSET_SEED)`` (so the
+result is deterministic), the estimate being the mean of the subsets' maximum-likelihood
+estimates (Eq. 7). Averaging the estimates (not the N_learned) keeps the small-sample bias of
+the estimator (it is convex in N_learned) on both sides of the ratio, where the other side is
+one draw of m. The subsampled side's ``n_learned`` and bounds are those of the exact mean
+N_learned over all m-subsets (hypergeometric, "rarefaction", Hurlbert 1971, rounded;
+:func:`subsampled_learned`):
 
     E[k_m] = sum over retrieved images j of 1 - C(n - c_j, m) / C(n, m)
 
-(c_j = queries that retrieved image j), i.e. the limit of averaging over ever more seeded
-subsets; IRS_inf at m is then estimated from ``round(E[k_m])`` (Eqs. 7-9). With n synthetic
-samples against N training images and n_r real queries against a bank of n_bank:
+(c_j = draws that retrieved image j). With n synthetic samples against N training images and
+n_r real queries against a bank of n_bank:
 
 - ``n * n_bank / N < n_r``: the real reference is subsampled to ``m = round(n * n_bank / N)``
   queries (:meth:`ReferenceBank.real_at`, cached per m);
@@ -64,7 +68,7 @@ from irs_callbacks import __version__
 from irs_callbacks.files import expand_path, write_atomic
 from irs_callbacks.features import DEFAULT_EXTRACTOR, extract_features, get_extractor
 from irs_callbacks.validation import check_value_range
-from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity
+from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity, ml_diversity
 
 __all__ = ["ReferenceBank", "RetrievalScore", "measure_real", "split_for_real", "FORMAT_VERSION",
            "ALPHA_MATCHINGS", "subsampled_learned"]
@@ -74,6 +78,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "irs_reference"
 DISTANCES = ("euclidean", "cosine")
 SPLIT_LIMIT, SPLIT_QUERIES_LARGE = 100_000, 50_000
+SUBSET_REPEATS, SUBSET_SEED = 32, 0  # subsampling to a common alpha (module docstring)
 #: values of RetrievalScore.alpha_matching: how real data and samples were brought to one alpha
 ALPHA_MATCHINGS = {
     "equal": "real reference and samples at the same alpha as measured",
@@ -201,10 +206,34 @@ def subsampled_learned(counts, n: int, m: int) -> float:
     return float((multiplicity * -np.expm1(log_missed)).sum())
 
 
-def _estimate_at(counts, n: int, m: int, n_train: int, alpha_e: float) -> IRSEstimate:
-    """IRS_inf from the rounded mean N_learned of ``m``-subsets of ``n`` draws (:func:`subsampled_learned`)."""
-    k = round(subsampled_learned(counts, n, m)) if m < n else int((counts > 0).sum())
-    return irs_infinity(max(1, min(k, m)), m, n_train, alpha_e)
+def _estimate_at(draws, m: int, n_train: int, alpha_e: float) -> IRSEstimate:
+    """IRS_inf at m of the n ``draws`` (retrieved rows, -1 = retrieved nothing), module docstring:
+    estimate = mean ML estimate of ``SUBSET_REPEATS`` seeded m-subsets; n_learned and bounds
+    those of the exact mean N_learned over all m-subsets."""
+    import numpy as np
+
+    draws = np.asarray(draws, dtype=np.int64)
+    n = int(draws.size)
+    valid = draws >= 0
+    values, compact = np.unique(draws[valid], return_inverse=True)
+    ids = np.full(n, -1, dtype=np.int64)
+    ids[valid] = compact
+    counts = np.bincount(compact, minlength=values.size)
+    if m >= n:
+        k = int(values.size)
+        return irs_infinity(max(1, k), n, n_train, alpha_e)
+    rng = np.random.default_rng(SUBSET_SEED)
+    s_hats = []
+    for _ in range(SUBSET_REPEATS):
+        subset = ids[rng.choice(n, size=m, replace=False)]
+        k = int(np.count_nonzero(np.bincount(subset[subset >= 0], minlength=values.size)))
+        s_hats.append(ml_diversity(k, m, n_train) if k > 0 else 0)
+    k_mean = max(1, min(round(subsampled_learned(counts, n, m)), m))
+    typical = irs_infinity(k_mean, m, n_train, alpha_e)
+    s_hat = float(np.mean(s_hats))
+    return dataclasses.replace(typical, estimate=s_hat / n_train, s_hat=round(s_hat),
+                               lower=min(typical.lower, s_hat / n_train), upper=max(typical.upper, s_hat / n_train),
+                               s_lower=min(typical.s_lower, round(s_hat)), s_upper=max(typical.s_upper, round(s_hat)))
 
 
 @dataclass(frozen=True)
@@ -294,8 +323,8 @@ class ReferenceBank:
         """IRS_inf of real data at the sampling rate of ``n_samples`` (valid) synthetic samples.
 
         The real queries are subsampled to ``m = round(n_samples * n_bank / n_train)`` (the same
-        alpha against the bank they were retrieved from): the estimate from the exact mean
-        N_learned over all m-subsets (module docstring), a fraction of the bank, cached per m.
+        alpha against the bank they were retrieved from): the mean ML estimate of 32 seeded
+        m-subsets (module docstring), a fraction of the bank, deterministic and cached per m.
         When all queries are needed (m >= their number), or the bank keeps no per-query record,
         this is ``real`` (then the samples are the side to subsample, see :meth:`score_indices`).
         """
@@ -307,10 +336,7 @@ class ReferenceBank:
         if m >= self.real.n_samples:
             return self.real
         if m not in self._real_at_cache:
-            nearest = self.real_nearest
-            counts = torch.bincount(nearest[nearest >= 0]).numpy()
-            self._real_at_cache[m] = _estimate_at(counts, self.real.n_samples, m, self.real.n_train,
-                                                  self.real.alpha_e)
+            self._real_at_cache[m] = _estimate_at(self.real_nearest.numpy(), m, self.real.n_train, self.real.alpha_e)
         return self._real_at_cache[m]
 
     def score(self, sample_features, *, device=None, alpha_e=None) -> RetrievalScore:
@@ -370,7 +396,7 @@ class ReferenceBank:
             else:  # the real reference is the smaller side: subsample the samples to its alpha
                 m = max(1, round(n_real * self.n_train / n_bank))
                 if m < n_valid:
-                    synthetic = _estimate_at(counts, n_valid, m, self.n_train, alpha_e)
+                    synthetic = _estimate_at(valid, m, self.n_train, alpha_e)
                     matching, matched_alpha = "samples-subsampled", m / self.n_train
                 else:
                     matching = "equal"
