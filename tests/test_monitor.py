@@ -165,9 +165,9 @@ def test_callable_sampler_value_range_and_generator_kinds(tmp_path, bank):
     # per-sample generators: exactly the images of the equivalent Sampler subclass
     assert torch.equal(r_list.hits, m.evaluate(PoolSampler(HELD, replace=True)).hits)
     assert r_one.samples_used > 0 and r_one.n_learned > 0
-    # wrong declared range: the images look all-white to the extractor -> nothing diverse
-    r_wrong = m.evaluate(CallableSampler(fn, (0, 1), per_sample_generators=True))
-    assert r_wrong.n_learned < r_list.n_learned
+    # wrong declared range ([-1, 1] images declared (0, 1)): an error naming the fix, no result
+    with pytest.raises(Exception, match=r"outside value_range=\(0, 1\).*pass value_range=\(-1, 1\)"):
+        m.evaluate(CallableSampler(fn, (0, 1), per_sample_generators=True))
     with pytest.raises(ValueError, match="value_range"):
         CallableSampler(fn, (1, 0))
     with pytest.raises(ValueError, match="ema"):
