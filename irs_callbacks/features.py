@@ -678,7 +678,9 @@ def get_extractor(name: Any = DEFAULT_EXTRACTOR, *, weights=None, device=None, *
         default 0), ``autocast`` (float16 on CUDA; default True except for ``random-inception``,
         whose activations exceed the float16 range). Custom extractors also take
         ``name`` (``custom_name``), ``dim``, ``mean``/``std`` (default none) and ``identity``.
-    Raises :class:`WeightsUnavailableError` when pretrained weights cannot be had.
+    Raises :class:`WeightsUnavailableError` when pretrained weights cannot be had: at once with
+    ``HF_HUB_OFFLINE=1``, otherwise after one quick reachability check (module docstring); weights
+    in the local Hugging Face / torch hub cache are used without network access.
     """
     if isinstance(name, FeatureExtractor):
         if weights is not None or options:
