@@ -13,8 +13,10 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from irs_callbacks.features import DEFAULT_EXTRACTOR, get_extractor
+from irs_callbacks.files import expand_path
 from irs_callbacks.image_io import fingerprint, item_image
 from irs_callbacks.reference import ReferenceBank
+from irs_callbacks.validation import check_value_range
 
 __all__ = ["PseudoLabelDataset"]
 
@@ -30,7 +32,10 @@ class PseudoLabelDataset(Dataset):
             :func:`irs_callbacks.features.get_extractor`; ``extractor_options`` such as ``input_size`` go there).
         feature_source: the images to extract features from, item for item the same images as ``dataset`` but
             without random augmentation (default: ``dataset`` itself; it must then be deterministic).
-        value_range: value range of the feature source's float images, (0, 1) or (-1, 1).
+        value_range: value range of the feature source's float images: (0, 1) (the default) or (-1, 1)
+            (diffusers' usual ``Normalize([0.5], [0.5])`` training transforms give (-1, 1): pass it). It is never
+            guessed: float images outside it raise a ValueError naming the range seen and the fix (the check of
+            :func:`irs_callbacks.features.to_unit_range`); uint8 and uint16 images need none.
         bank: a precomputed :class:`~irs_callbacks.reference.ReferenceBank` (or a path to one).
         bank_path: a ``.safetensors`` file: loaded if it exists -- refused with a ValueError naming every
             differing field if its extractor, N or image fingerprint do not match -- else built and saved there.
@@ -45,13 +50,16 @@ class PseudoLabelDataset(Dataset):
                             f"got {type(dataset).__name__}")
         if bank is not None and bank_path is not None:
             raise ValueError("give at most one of bank= and bank_path=")
+        value_range = check_value_range(value_range)
         self.dataset = dataset
         source = dataset if feature_source is None else feature_source
         if feature_source is not None and len(feature_source) != len(dataset):
             raise ValueError(f"feature_source has {len(feature_source)} images, dataset has {len(dataset)}")
         if isinstance(bank, (str, Path)):
-            bank_path, bank = Path(bank), None
-        if bank is None and bank_path is not None and Path(bank_path).is_file():
+            bank_path, bank = bank, None
+        if bank_path is not None:
+            bank_path = expand_path(bank_path, "bank_path")
+        if bank is None and bank_path is not None and bank_path.is_file():
             expect = {"n_train": len(dataset), "train_fingerprint": fingerprint(source)}
             expect["extractor"] = get_extractor(extractor, device=device, **extractor_options).identity
             bank = ReferenceBank.load(bank_path, expect=expect)  # ValueError naming every difference

@@ -27,7 +27,7 @@ import torch
 
 from irs_callbacks.history import EvaluationRecord
 from irs_callbacks.samplers import Sampler, preserved_training_state, sample_seed
-from irs_callbacks.stats import IRSEstimate, SequentialRejectionTest, adjusted_irs, irs_infinity
+from irs_callbacks.stats import IRSEstimate, SequentialRejectionTest, irs_infinity
 
 __all__ = ["EvaluationEngine", "EvaluationResult", "EvaluationError", "EvaluationSettings", "PreparedReference",
            "Processes", "SingleProcess", "default_budget"]
@@ -111,9 +111,10 @@ class EvaluationSettings:
 @dataclass
 class EvaluationResult:
     """One evaluation. Fractions are of ``n_train``; ``estimate`` is IRS_inf with its interval
-    (``None`` if no valid sample was drawn); ``adjusted`` = IRS_inf / IRS_inf(real) (``None``
-    without a real reference); ``hits`` the samples per training image; ``samples`` a few
-    generated images in [0, 1] (main process) for display."""
+    from every valid sample (``None`` if none was drawn), what the verdict is about; ``adjusted``
+    = ``matched`` / ``real``: the samples' and real data's IRS_inf at one sampling rate (``matching``
+    says how; ``None`` without a real reference); ``hits`` the samples per training image;
+    ``samples`` a few generated images in [0, 1] (main process) for display."""
 
     step: int | None
     verdict: str
@@ -131,6 +132,8 @@ class EvaluationResult:
     real: IRSEstimate | None
     seed: int
     target_s: float
+    matched: IRSEstimate | None = None  # the samples at the real reference's alpha (adjusted's numerator)
+    matching: str | None = None  # how both sides were brought to one alpha (RetrievalScore.matching_text)
     curve: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     hits: torch.Tensor | None = field(default=None, repr=False)
@@ -153,8 +156,8 @@ class EvaluationResult:
 
     def as_record(self) -> EvaluationRecord:
         """The history record (:class:`~irs_callbacks.history.EvaluationRecord`)."""
-        est, real = self.estimate, self.real
-        scale = real.estimate if (real is not None and est is not None and real.estimate > 0) else None
+        est, real, matched = self.estimate, self.real, self.matched
+        scale = real.estimate if (real is not None and matched is not None and real.estimate > 0) else None
         return EvaluationRecord(
             step=self.step, verdict=self.verdict, rule=self.rule, stopped_early=self.stopped_early,
             budget=self.budget, samples_used=self.samples_used, n_learned=self.n_learned,
@@ -162,11 +165,11 @@ class EvaluationResult:
             target_s=self.target_s, alpha_e=self.alpha_e, irs_alpha=self.irs_alpha,
             estimate=None if est is None else est.estimate, lower=None if est is None else est.lower,
             upper=None if est is None else est.upper, adjusted=self.adjusted,
-            adjusted_lower=None if scale is None else est.lower / scale,
-            adjusted_upper=None if scale is None else est.upper / scale,
+            adjusted_lower=None if scale is None else matched.lower / scale,
+            adjusted_upper=None if scale is None else matched.upper / scale,
             real_irs=None if real is None else real.estimate, score=self.score,
-            real_n_samples=None if real is None else real.n_samples, seed=self.seed, timing=dict(self.timing),
-            curve=[list(p) for p in self.curve])
+            real_n_samples=None if real is None else real.n_samples, real_matching=self.matching,
+            seed=self.seed, timing=dict(self.timing), curve=[list(p) for p in self.curve])
 
 
 class EvaluationEngine:
@@ -228,7 +231,7 @@ class EvaluationEngine:
         learned = LearnedSet(n_train, device=device)
         seed = s.seed if (s.fixed_noise or step is None) else sample_seed(s.seed, step) & 0x7FFFFFFF
         t_sampling = t_features = t_retrieval = 0.0
-        curve, kept, decision = [], None, None
+        curve, kept, decision, retrieved = [], None, None, []
         sync = device.type == "cuda"
         with preserved_training_state(sampler.modules()), sampler.context():
             for start in range(0, budget, s.batch_size):
@@ -279,7 +282,9 @@ class EvaluationEngine:
                         raise EvaluationError(f"{message}: {error!r}") from error
                     raise EvaluationError(message)
                 indices = gathered[:, :-1].reshape(-1)
-                learned.update(indices[indices != _PAD])
+                indices = indices[indices != _PAD]  # in global sample order
+                retrieved.append(indices)
+                learned.update(indices)
                 curve.append((int(learned.n_samples), int(learned.n_learned)))
                 decision = test.decide(learned.n_samples, learned.n_learned)
                 t_retrieval += time.perf_counter()
@@ -287,18 +292,18 @@ class EvaluationEngine:
                     break
 
         n_drawn, n_learned, n_invalid = int(learned.n_samples), int(learned.n_learned), int(learned.n_invalid)
-        n_valid = n_drawn - n_invalid
-        estimate = irs_infinity(n_learned, n_valid, n_train, s.alpha_e) if n_learned >= 1 else None
-        real = (bank.real_at(n_valid) if n_valid > 0 else bank.real) if s.adjust else None
-        adjusted = None
-        if estimate is not None and real is not None and real.estimate > 0:
-            adjusted = adjusted_irs(estimate, real)
+        estimate = irs_infinity(n_learned, n_drawn - n_invalid, n_train, s.alpha_e) if n_learned >= 1 else None
+        matched = real = adjusted = matching = None
+        if s.adjust and bank.real is not None:  # both sides at one sampling rate (ReferenceBank.score_indices)
+            score = bank.score_indices(torch.cat(retrieved), alpha_e=s.alpha_e)
+            matched, real, adjusted, matching = score.synthetic_matched, score.real, score.adjusted, score.matching_text
         t_end = time.perf_counter()
         return EvaluationResult(
             step=step, verdict=decision.verdict, rule=decision.rule, samples_used=n_drawn, budget=budget,
             n_learned=n_learned, n_invalid=n_invalid, n_train=n_train, k_min=int(test.k_min),
             target_irs=s.target_irs, alpha_e=s.alpha_e, estimate=estimate, adjusted=adjusted, real=real,
-            seed=int(seed), target_s=float(test.s_d), curve=curve, hits=learned.hits.detach().cpu(), samples=kept,
+            seed=int(seed), target_s=float(test.s_d), matched=matched, matching=matching, curve=curve,
+            hits=learned.hits.detach().cpu(), samples=kept,
             timing={"sampling": t_sampling, "features": t_features, "retrieval": t_retrieval,
                     "monitor": t_end - t_start - t_sampling - t_features, "total": t_end - t_start})
 

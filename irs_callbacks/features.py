@@ -26,7 +26,34 @@ name                      network / weights                            dim      
 The library default is ``random-inception``: it needs no download (works offline), is bit-for-bit
 reproducible from its seed, and had the smallest measurement gap on real data of all extractors
 in the paper (Table 6, "Random"). Its weights are drawn from a private generator state, so
-building it never touches the caller's global RNG. The paper's own IRS default is SwAV; the
+building it never touches the caller's global RNG.
+
+Calibration of ``random-inception``: with untrained batch norms (running mean 0, variance 1) the
+network is a chain of bias-free convolutions, linear normalisations, ReLUs and pools, so it is
+positively homogeneous in its normalised input and every layer multiplies the scale by about
+the same gain: raw features have norms around 1e8. The extractor multiplies them by one power of
+two, ``2 ** scale_log2``, chosen at construction so that on a fixed synthetic input (8 images of
+1/f "pink" noise at the input size, drawn from ``torch.Generator().manual_seed(0)``, see
+:func:`pink_noise`) the features' root-mean-square per dimension is 1 to within a factor
+``sqrt(2)``. Multiplying by a power of two is exact in binary floating point, so nearest
+neighbours, ties and cosine similarities are bit for bit those of the uncalibrated network (the
+paper's "Random" extractor); only the scale changes, to one on which FID, KID and Vendi are
+meaningful numbers. ``scale_log2`` is part of the extractor's ``identity["calibration"]``, so
+reference banks built before the calibration are refused (and rebuilt by caches).
+
+Input values: float images must lie in their declared ``value_range``; values beyond it by more
+than :data:`VALUE_RANGE_TOLERANCE` of its width are an error (a one-line message naming the
+range, the observed minimum and maximum and the likely fix, e.g. floats in 0..255 under the
+default (0, 1)); smaller overshoots (unclamped sampler output, rounding) are clipped into the
+range. NaN/Inf values are never an error: such images give NaN feature rows (invalid samples).
+``uint8`` images are 0..255 and ``uint16`` images (16-bit PNGs, uint16 arrays) are 0..65535.
+
+Offline: pretrained weights already in the local Hugging Face (or torch hub) cache are loaded
+from it without any network access; otherwise ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``)
+fails at once, and without it one quick reachability check of the download host (a few seconds
+at most, through the configured proxy if any) precedes the download, so that an offline machine
+gets :class:`WeightsUnavailableError` (naming ``weights=PATH`` / ``--weights``) in seconds
+instead of a minute of retries. The paper's own IRS default is SwAV; the
 FID/DiADM feature is Inception v3 (``inception-v3`` uses timm's TF-ported ImageNet weights, not the
 bit-exact pytorch-fid network; pass that network as a custom extractor if you need it).
 
@@ -40,7 +67,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 import sys
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,11 +85,15 @@ __all__ = [
     "DEFAULT_EXTRACTOR",
     "FeatureExtractor",
     "WeightsUnavailableError",
+    "ValueRangeError",
     "get_extractor",
     "register_extractor",
     "list_extractors",
     "extract_features",
     "load_state_dict_file",
+    "to_unit_range",
+    "pink_noise",
+    "VALUE_RANGE_TOLERANCE",
 ]
 
 DEFAULT_EXTRACTOR = "random-inception"
@@ -66,10 +101,25 @@ RANDOM_INIT_SEED = 0
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+#: float images may exceed their value_range by this fraction of its width (clipped); more is an error
+VALUE_RANGE_TOLERANCE = 0.1
+CALIBRATION_IMAGES, CALIBRATION_SEED = 8, 0
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could neither be downloaded nor found locally."""
+
+
+class ValueRangeError(ValueError):
+    """Float images with values outside their declared ``value_range`` (beyond the tolerance).
+
+    ``value_range`` is the declared (low, high), ``observed`` the (min, max) of the finite
+    values, ``suggested`` a range that would hold them (e.g. (0, 255)) or None."""
+
+    def __init__(self, message: str, value_range, observed, suggested=None):
+        super().__init__(message)
+        self.value_range, self.observed, self.suggested = tuple(value_range), tuple(observed), suggested
 
 
 # --------------------------------------------------------------------------- the extractor
@@ -79,8 +129,10 @@ class FeatureExtractor(nn.Module):
     """Images -> features ``[B, dim]`` float32 (see the module docstring for accepted inputs).
 
     Attributes: ``name``, ``dim``, ``input_size`` ((H, W) or None = keep the input size),
-    ``identity`` (JSON-able dict naming network, weights and preprocessing; stored in reference
-    bank metadata so that a cache is only reused with the very same features).
+    ``output_scale`` (the network's output is multiplied by it; ``random-inception``: its
+    calibration ``2 ** scale_log2``), ``identity`` (JSON-able dict naming network, weights,
+    calibration and preprocessing; stored in reference bank metadata so that a cache is only
+    reused with the very same features).
     """
 
     def __init__(
@@ -95,6 +147,7 @@ class FeatureExtractor(nn.Module):
         dim: int | None = None,
         autocast: bool = True,
         channels_last: bool = False,
+        output_scale: float = 1.0,
     ):
         super().__init__()
         self.model = model if isinstance(model, nn.Module) else _CallableModule(model)
@@ -108,9 +161,15 @@ class FeatureExtractor(nn.Module):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._dim = dim
+        self.output_scale = float(output_scale)  # features = network output * output_scale
+        if not (math.isfinite(self.output_scale) and self.output_scale > 0):
+            raise ValueError(f"output_scale must be a positive finite number, got {output_scale!r}")
+        identity = dict(identity or {})
+        if self.output_scale != 1.0 and "calibration" not in identity:
+            identity["output_scale"] = self.output_scale
         self.identity = {
             "name": name,
-            **(identity or {}),
+            **identity,
             "input_size": None if self.input_size is None else list(self.input_size),
             "preprocessing": {
                 "resize": "bicubic, antialias, clamp [0, 1]",
@@ -164,6 +223,8 @@ class FeatureExtractor(nn.Module):
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"extractor {self.name!r} must return features of shape [B, d], got {shape}")
         features = features.float()
+        if self.output_scale != 1.0:
+            features = features * self.output_scale
         if invalid.any():  # an invalid image never yields a usable feature
             features = features.clone()
             features[invalid] = float("nan")
@@ -187,7 +248,13 @@ def _size_pair(size, name: str) -> tuple[int, int]:
 
 
 def to_unit_range(images, value_range=(0, 1)) -> torch.Tensor:
-    """NCHW uint8 [0, 255] or float in ``value_range`` -> float32 in [0, 1]; checks the layout."""
+    """NCHW ``uint8`` [0, 255], ``uint16`` [0, 65535] or float in ``value_range`` -> float32 in [0, 1].
+
+    Checks the layout and the values: finite float values beyond ``value_range`` by more than
+    :data:`VALUE_RANGE_TOLERANCE` of its width raise a ValueError naming the range, the observed
+    minimum and maximum and the likely fix; smaller overshoots are clipped. NaN/Inf pass
+    through unchanged (they mark invalid images, never an error).
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape [B, C, H, W], got {type(images).__name__}")
     if images.ndim != 4:
@@ -201,10 +268,37 @@ def to_unit_range(images, value_range=(0, 1)) -> torch.Tensor:
         )
     if images.dtype == torch.uint8:
         return images.float() / 255.0
+    if images.dtype == torch.uint16:
+        return images.float() / 65535.0
     if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 in [0, 255] or floating point, got dtype {images.dtype}")
+        raise TypeError(f"images must be uint8 in [0, 255], uint16 in [0, 65535] or floating point, "
+                        f"got dtype {images.dtype}")
     low, high = check_value_range(value_range)
-    return (images.float() - low) / (high - low)
+    x = (images.float() - low) / (high - low)
+    finite = torch.isfinite(x)
+    lowest = torch.where(finite, x, torch.inf).amin()
+    highest = torch.where(finite, x, -torch.inf).amax()
+    lowest, highest = float(lowest), float(highest)  # +-inf when no value is finite
+    if lowest < -VALUE_RANGE_TOLERANCE or highest > 1.0 + VALUE_RANGE_TOLERANCE:
+        raise _range_error(low, high, lowest * (high - low) + low, highest * (high - low) + low)
+    if lowest < 0.0 or highest > 1.0:  # within the tolerance: clip, keeping NaN/Inf as they are
+        x = torch.where(finite, x.clamp(0.0, 1.0), x)
+    return x
+
+
+def _range_error(low: float, high: float, lowest: float, highest: float) -> ValueRangeError:
+    """One line: the declared range, what was seen, and the likely fix."""
+    seen = f"images have values in [{lowest:.4g}, {highest:.4g}], outside value_range=({low:g}, {high:g})"
+    if lowest >= low - VALUE_RANGE_TOLERANCE * (high - low) and 1.5 * high < highest <= 255 * 1.01 and low >= 0:
+        suggested, fix = (0.0, 255.0), "floats in 0..255: divide by 255 or pass value_range=(0, 255)"
+    elif (low, high) == (0.0, 1.0) and -1.01 <= lowest < 0 and highest <= 1.01:
+        suggested = (-1.0, 1.0)
+        fix = "floats in -1..1 (the diffusers convention): pass value_range=(-1, 1) or map them with x / 2 + 0.5"
+    else:
+        suggested = (float(math.floor(lowest)), float(math.ceil(highest)))
+        fix = f"pass the range the images are in (value_range=({suggested[0]:g}, {suggested[1]:g})?) or clamp them"
+    message = f"{seen} (tolerance {VALUE_RANGE_TOLERANCE:.0%} of its width): {fix}"
+    return ValueRangeError(message, (low, high), (lowest, highest), suggested)
 
 
 # --------------------------------------------------------------------------- weights
@@ -300,6 +394,127 @@ def download_state_dict(url: str) -> dict:
     return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
 
 
+def _truthy(value) -> bool:
+    return str(value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` asks for offline use (read now)."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _endpoint_reachable(url: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """One quick check that a TCP connection to ``url``'s host (or to the configured HTTPS proxy)
+    can be opened within ``timeout`` seconds, name resolution included. (reachable, reason)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host or ""):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname, proxy_parts.port or 8080
+    outcome = []
+
+    def attempt():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append("")
+        except OSError as error:
+            outcome.append(f"{type(error).__name__}: {error}")
+
+    worker = threading.Thread(target=attempt, daemon=True)  # name resolution has no timeout of its own
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        return False, f"no connection to {host}:{port} within {timeout:g} s"
+    return (True, "") if outcome[0] == "" else (False, f"cannot connect to {host}:{port} ({outcome[0]})")
+
+
+def _cached_hub_weights(timm_name: str) -> str | None:
+    """Path of the weights of timm model ``timm_name`` in the local Hugging Face cache, or None."""
+    import timm
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    if hub_id.endswith("/"):  # timm's shorthand "timm/" means "timm/<model name>"
+        hub_id = hub_id + timm_name
+    names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors",
+                                                                                 "pytorch_model.bin"]
+    for filename in names:
+        path = try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _torch_hub_cached(url: str) -> bool:
+    name = os.path.basename(urllib.parse.urlsplit(url).path)
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", name))
+
+
+def _check_online(name: str, where: str, url: str) -> None:
+    """Raise :class:`WeightsUnavailableError` at once when offline use is asked for, or after one
+    quick failed attempt to reach ``url``'s host."""
+    if hub_offline():
+        raise _unavailable(name, where, OSError("offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) "
+                                                "and the weights are not in the local cache"))
+    reachable, reason = _endpoint_reachable(url)
+    if not reachable:
+        raise _unavailable(name, where, OSError(reason))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def pink_noise(count: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """``count`` RGB images ``[count, 3, H, W]`` of 1/f ("pink") noise in [0, 1], the classical
+    surrogate for natural-image statistics: per image and channel, complex Gaussian Fourier
+    coefficients divided by the spatial frequency |f| (zero mean), an inverse real FFT, then the
+    image min-max scaled to [0, 1]. Deterministic given ``generator`` (CPU)."""
+    h, w = size
+    fy = torch.fft.fftfreq(h, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64)[None, :]
+    radius = torch.sqrt(fx ** 2 + fy ** 2)
+    radius[0, 0] = math.inf  # no DC term
+    shape = (count, 3, h, w // 2 + 1)
+    spectrum = torch.complex(torch.randn(shape, generator=generator, dtype=torch.float64),
+                             torch.randn(shape, generator=generator, dtype=torch.float64)) / radius
+    x = torch.fft.irfft2(spectrum, s=(h, w))
+    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
+    return (x / x.amax(dim=(1, 2, 3), keepdim=True)).float()
+
+
+_SCALE_CACHE: dict[tuple, int] = {}
+
+
+def calibration_scale_log2(model: nn.Module, size: tuple[int, int], mean, std, *, key=None) -> int:
+    """``-round(log2(RMS))`` of the features ``model`` gives the :func:`pink_noise` calibration
+    input (``CALIBRATION_IMAGES`` images, seed ``CALIBRATION_SEED``, normalised with ``mean``/``std``),
+    RMS over images and feature dimensions; computed on the CPU in float32, cached per ``key``."""
+    if key is not None and key in _SCALE_CACHE:
+        return _SCALE_CACHE[key]
+    images = pink_noise(CALIBRATION_IMAGES, size, torch.Generator().manual_seed(CALIBRATION_SEED))
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model.eval()(x.float()).double()
+    rms = float(out.square().mean().sqrt())
+    if not (math.isfinite(rms) and rms > 0):
+        raise RuntimeError(f"calibration of the random extractor failed: feature RMS {rms} on the calibration input")
+    scale_log2 = -round(math.log2(rms))
+    if key is not None:
+        _SCALE_CACHE[key] = scale_log2
+    return scale_log2
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -319,6 +534,7 @@ class TimmSpec:
     vit: bool = False  # pass img_size to timm
     keep_head: bool = False  # keep timm's head (CLIP's image projection)
     random_init: bool = False  # never pretrained (random-inception)
+    calibrate: bool = False  # multiply the output by 2**scale_log2 (module docstring: calibration)
     autocast: bool = True  # float16 autocast on CUDA by default
     kwargs: dict = field(default_factory=dict)
 
@@ -328,9 +544,10 @@ class TimmSpec:
 
 
 BUILTIN_SPECS: dict[str, TimmSpec] = {
-    # random init: activations grow to ~1e6 through the un-trained BatchNorms, beyond float16 range
+    # random init: activations grow to ~1e8 through the un-trained BatchNorms, beyond float16 range;
+    # the output is calibrated by a power of two (module docstring)
     "random-inception": TimmSpec("inception_v3", None, 299, (0.5,) * 3, (0.5,) * 3, min_input_size=75,
-                                 random_init=True, autocast=False),
+                                 random_init=True, autocast=False, calibrate=True),
     "inception-v3": TimmSpec("inception_v3", "tf_in1k", 299, (0.5,) * 3, (0.5,) * 3, min_input_size=75),
     "swav-resnet50": TimmSpec("resnet50", None, 224, IMAGENET_MEAN, IMAGENET_STD, url=SWAV_URL, remap=swav_to_timm),
     "dinov2-vitb14": TimmSpec("vit_base_patch14_dinov2", "lvd142m", 224, IMAGENET_MEAN, IMAGENET_STD,
@@ -395,6 +612,8 @@ def _timm_factory(name: str, spec: TimmSpec):
             _load_into(model, spec.remap(load_state_dict_file(path)), source=f"file {path!r}", extractor=name)
             weights_id = {"weights": f"file:{os.path.basename(path)}", "weights_sha256": file_sha256(path)}
         elif spec.url is not None:
+            if not _torch_hub_cached(spec.url):
+                _check_online(name, f"from {spec.url}", spec.url)
             model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
             try:
                 state = download_state_dict(spec.url)
@@ -403,17 +622,31 @@ def _timm_factory(name: str, spec: TimmSpec):
             _load_into(model, spec.remap(state), source=f"from {spec.url}", extractor=name)
             weights_id = {"weights": spec.url}
         else:
+            where = f"timm.create_model({spec.timm_name!r}, pretrained=True), Hugging Face hub timm/{spec.timm_name}"
+            cached = _cached_hub_weights(spec.timm_name)
+            if cached is None:
+                _check_online(name, where, _hub_endpoint())
+            overlay = {} if cached is None else {"pretrained_cfg_overlay": {"file": cached}}  # no network
             try:
-                model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+                model = timm.create_model(spec.timm_name, pretrained=True, **overlay, **kwargs)
             except Exception as error:
-                raise _unavailable(name, f"timm.create_model({spec.timm_name!r}, pretrained=True), "
-                                   f"Hugging Face hub timm/{spec.timm_name}", error) from error
+                raise _unavailable(name, where, error) from error
             weights_id = {"weights": f"timm:{spec.timm_name}"}
+        output_scale, calibration = 1.0, {}
+        if spec.calibrate:
+            scale_log2 = calibration_scale_log2(model, size, spec.mean, spec.std,
+                                                key=(spec.architecture, weights_id["weights_sha256"], size))
+            output_scale = 2.0 ** scale_log2
+            calibration = {"calibration": {
+                "method": "output times 2**scale_log2: feature RMS 1 (within sqrt 2) on pink noise",
+                "input": f"{CALIBRATION_IMAGES} pink_noise images, torch.Generator seed {CALIBRATION_SEED}",
+                "scale_log2": scale_log2}}
         extractor = FeatureExtractor(
             model, name=name, input_size=size, mean=spec.mean, std=spec.std,
-            identity={"architecture": f"timm:{spec.architecture}", **weights_id},
+            identity={"architecture": f"timm:{spec.architecture}", **weights_id, **calibration},
             dim=getattr(model, "num_classes", 0) if spec.keep_head else model.num_features,
             autocast=spec.autocast if autocast is None else autocast, channels_last=not spec.vit,
+            output_scale=output_scale,
         )
         return extractor.to(_resolve_device(device))
 
@@ -445,7 +678,9 @@ def get_extractor(name: Any = DEFAULT_EXTRACTOR, *, weights=None, device=None, *
         default 0), ``autocast`` (float16 on CUDA; default True except for ``random-inception``,
         whose activations exceed the float16 range). Custom extractors also take
         ``name`` (``custom_name``), ``dim``, ``mean``/``std`` (default none) and ``identity``.
-    Raises :class:`WeightsUnavailableError` when pretrained weights cannot be had.
+    Raises :class:`WeightsUnavailableError` when pretrained weights cannot be had: at once with
+    ``HF_HUB_OFFLINE=1``, otherwise after one quick reachability check (module docstring); weights
+    in the local Hugging Face / torch hub cache are used without network access.
     """
     if isinstance(name, FeatureExtractor):
         if weights is not None or options:

@@ -59,13 +59,16 @@ class EvaluationRecord(Mapping):
     estimate: float | None = _doc("float", "IRS_inf from the valid samples, or null when nothing was learned")
     lower: float | None = _doc("float", "one-sided alpha_e lower bound of IRS_inf, or null")
     upper: float | None = _doc("float", "one-sided alpha_e upper bound of IRS_inf, or null")
-    adjusted: float | None = _doc("float", "IRS_inf,a = IRS_inf / IRS_inf(real), or null without a real reference")
-    adjusted_lower: float | None = _doc("float", "lower bound of IRS_inf divided by IRS_inf(real), or null")
-    adjusted_upper: float | None = _doc("float", "upper bound of IRS_inf divided by IRS_inf(real), or null")
+    adjusted: float | None = _doc("float", "IRS_inf,a = IRS_inf / IRS_inf(real), both at one sampling rate "
+                                           "(real_matching), or null without a real reference")
+    adjusted_lower: float | None = _doc("float", "lower bound of the samples' IRS_inf at that rate / IRS_inf(real)")
+    adjusted_upper: float | None = _doc("float", "upper bound of the samples' IRS_inf at that rate / IRS_inf(real)")
     real_irs: float | None = _doc("float", "IRS_inf of held-out real data that adjusted divides by, or null")
     score: float | None = _doc("float", "what checkpoints are ranked by: adjusted, else estimate")
-    real_n_samples: int | None = _doc("int", "real images behind real_irs (taken at the samples' sampling rate)",
-                                      default=None)
+    real_n_samples: int | None = _doc("int", "real images behind real_irs", default=None)
+    real_matching: str | None = _doc("str", "how samples and real data were brought to one sampling rate for "
+                                            "adjusted (which side was subsampled, the alpha, the set sizes)",
+                                     default=None)
     seed: int = _doc("int", "sampling seed of the evaluation", default=0)
     timing: dict = _doc("dict", "seconds: sampling, features, retrieval, logging, monitor (everything but "
                                 "sampling and features), total", default=None)
@@ -156,15 +159,18 @@ def read_history(path) -> list[EvaluationRecord]:
         raise ValueError(f"history file {str(path)!r} does not exist (the monitor writes irs_history.jsonl "
                          "in its log folder)")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(EvaluationRecord.from_dict(json.loads(line)))
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"history file {str(path)!r} line {number} is not an evaluation record "
-                                 f"(cut off while written?): {error}") from None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"history file {str(path)!r} is not a text file") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(EvaluationRecord.from_dict(json.loads(line)))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"history file {str(path)!r} line {number} is not an evaluation record "
+                             f"(cut off while written?): {error}") from None
     return records
 
 

@@ -1,9 +1,14 @@
 """Reading image collections: folders, .npy/.npz arrays, tensors, Datasets and DataLoaders.
 
-Conventions: images come out as torch tensors in NCHW layout; folder images are decoded to RGB
-``uint8`` [0, 255]; arrays keep their dtype (``uint8`` = [0, 255], float = the caller's
-``value_range``; other integer arrays with values in [0, 255] become ``uint8``). Arrays may be
-(N, H, W) grey, (N, C, H, W) or (N, H, W, C) with C in {1, 3}.
+Conventions: images come out as torch tensors in NCHW layout. Folder images are decoded to RGB
+``uint8`` [0, 255], except 16-bit greyscale files (PNG mode ``I;16``), which keep all their grey
+levels as ``uint16`` [0, 65535], one channel. Arrays keep their dtype: ``uint8`` = [0, 255],
+``uint16`` = [0, 65535] (16-bit images; never reduced to 8 bits), float = the caller's
+``value_range``; other integer arrays must hold values in [0, 255] and become ``uint8``; bool,
+complex and non-numeric arrays are refused with a one-line ValueError. The extractor turns every
+integer image into [0, 1] by its dtype's full range (/255 or /65535). Arrays may be (N, H, W)
+grey, (N, C, H, W) or (N, H, W, C) with C in {1, 3}. Every path goes through
+:func:`irs_callbacks.files.expand_path` (``~`` and ``$VARS`` expanded).
 
 Fingerprints (sha256 hex) identify image *contents* for reference-bank caches: for a folder the
 sorted relative paths and raw file bytes; for arrays/tensors dtype, shape and bytes of the NCHW
@@ -19,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from irs_callbacks.files import expand_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,7 +54,7 @@ IMAGE_DICT_KEYS = ("image", "images", "img", "input", "pixel_values", "instance_
 
 def list_image_files(folder) -> list[Path]:
     """All images (png/jpg/jpeg/webp, any case) below ``folder``, recursively, sorted by relative path."""
-    folder = Path(folder)
+    folder = expand_path(folder, "image folder")
     if not folder.is_dir():
         raise ValueError(f"image folder {str(folder)!r} does not exist or is not a directory")
     files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
@@ -57,12 +64,25 @@ def list_image_files(folder) -> list[Path]:
     return files
 
 
+#: Pillow modes of 16-bit (and 32-bit integer) greyscale images, read without losing grey levels
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_image(path) -> torch.Tensor:
-    """One image file -> ``uint8`` tensor [3, H, W] (RGB)."""
+    """One image file -> ``uint8`` tensor [3, H, W] (RGB), or ``uint16`` [1, H, W] for a 16-bit
+    greyscale file (every grey level kept; never converted through 8 bits)."""
     from PIL import Image, UnidentifiedImageError
 
+    path = expand_path(path, "image file")
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_GREY_MODES:
+                array = np.asarray(image)
+                if array.dtype != np.uint16:
+                    if array.size and (array.min() < 0 or array.max() > 65535):
+                        raise ValueError(f"integer grey values in [{array.min()}, {array.max()}] do not fit 16 bits")
+                    array = array.astype(np.uint16)
+                return torch.from_numpy(array.copy())[None]
             array = np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise ValueError(f"cannot read image file {str(path)!r}: {error}") from None
@@ -73,8 +93,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of a folder (recursive, sorted) as ``uint8`` RGB tensors [3, H, W]."""
 
     def __init__(self, folder):
-        self.root = Path(folder)
-        self.files = list_image_files(folder)
+        self.root = expand_path(folder, "image folder")
+        self.files = list_image_files(self.root)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -85,7 +105,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 def load_array(path) -> torch.Tensor:
     """Images from a .npy or .npz file (key ``images``, ``x`` or the only array) -> NCHW tensor."""
-    path = Path(path)
+    path = expand_path(path, "array file")
     if not path.is_file():
         raise ValueError(f"array file {str(path)!r} does not exist")
     try:
@@ -102,9 +122,27 @@ def load_array(path) -> torch.Tensor:
     return as_image_tensor(loaded, name=str(path))
 
 
+_DTYPE_RULE = ("uint8 (0..255), uint16 (0..65535) or floating point (in the value range), or other integers "
+               "in 0..255")
+
+
+def _numpy_images(images: np.ndarray, name: str) -> torch.Tensor:
+    """An ndarray of images -> tensor, with the dtype rules of the module docstring."""
+    kind = images.dtype.kind
+    if kind == "b" or kind == "c" or kind not in "uif":
+        what = {"b": "bool", "c": "complex"}.get(kind, f"non-numeric ({images.dtype})")
+        raise ValueError(f"{name} has dtype {images.dtype}: {what} arrays are not images; expected {_DTYPE_RULE}")
+    if kind in "ui" and images.dtype not in (np.uint8, np.uint16):
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise ValueError(f"{name} has dtype {images.dtype} with values in [{images.min()}, {images.max()}]: "
+                             f"integer images other than uint16 must lie in 0..255; store 16-bit images as uint16")
+        images = images.astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+
 def as_image_tensor(images, *, name: str = "images") -> torch.Tensor:
     """A stack of images (array or tensor) -> NCHW tensor with 1 or 3 channels (no copy if NCHW)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    x = _numpy_images(images, name) if isinstance(images, np.ndarray) else images
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or ndarray of images, got {type(images).__name__}")
     if x.ndim == 3:
@@ -117,10 +155,13 @@ def as_image_tensor(images, *, name: str = "images") -> torch.Tensor:
     if x.shape[0] == 0:
         raise ValueError(f"{name} contains no images (N = 0)")
     if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{name} must be uint8 or floating point, got dtype {x.dtype}")
-    if not x.is_floating_point() and x.dtype != torch.uint8:
+        raise ValueError(f"{name} has dtype {x.dtype}, which is not an image type; expected {_DTYPE_RULE}")
+    if not x.is_floating_point() and x.dtype not in (torch.uint8, torch.uint16):
+        if x.dtype in (torch.uint32, torch.uint64):  # no min/max in torch for these
+            return _numpy_images(x.cpu().numpy(), name).to(x.device)
         if x.numel() and (x.min() < 0 or x.max() > 255):
-            raise ValueError(f"integer {name} must lie in [0, 255], got values in [{int(x.min())}, {int(x.max())}]")
+            raise ValueError(f"integer {name} must lie in [0, 255] (16-bit images: uint16), got values in "
+                             f"[{int(x.min())}, {int(x.max())}]")
         x = x.to(torch.uint8)
     return x
 
@@ -188,7 +229,7 @@ def iter_image_batches(data, *, batch_size: int = 64, num_workers: int = 0):
     from torch.utils.data import DataLoader, Dataset
 
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
+        path = expand_path(data, "images")
         data = ImageFolderDataset(path) if path.is_dir() else load_array(path) if path.suffix.lower() in (
             ".npy", ".npz") else _bad_path(path)
     if isinstance(data, (np.ndarray, torch.Tensor)):
@@ -231,8 +272,10 @@ def update_hash(hasher, batch) -> None:
 def fingerprint(data, *, batch_size: int = 256) -> str:
     """sha256 of the image contents of ``data`` (see the module docstring for what is hashed)."""
     hasher = hashlib.sha256()
-    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
-        root = Path(data)
+    if isinstance(data, (str, os.PathLike)):
+        data = expand_path(data, "images")
+    if isinstance(data, Path) and data.is_dir():
+        root = data
         hasher.update(b"folder;")
         for path in list_image_files(root):
             hasher.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size};".encode())
@@ -252,7 +295,7 @@ def fingerprint(data, *, batch_size: int = 256) -> str:
 def describe(data) -> str:
     """Short human-readable description of an image source (for metadata and messages)."""
     if isinstance(data, (str, os.PathLike)):
-        return os.path.abspath(os.fspath(data))
+        return os.path.abspath(expand_path(data, "images"))
     if isinstance(data, (np.ndarray, torch.Tensor)):
         return f"{type(data).__name__}{tuple(data.shape)} {data.dtype}"
     return type(data).__name__

@@ -291,13 +291,15 @@ class IRSMonitor:
         test = engine.rejection_test()
         bank = prepared.bank
         real = bank.real
-        self._info("IRSMonitor: reference ready in %.1f s: %d training images (%s), dim %d, %s; budget %d samples, "
-                   "k_min %d, target %.2f%s", time.perf_counter() - t0, bank.n_train,
+        at_budget = bank.real_at(test.budget) if real is not None else None
+        self._info("IRSMonitor: reference ready in %.1f s: %d training images (%s), dim %d; %s; budget %d samples, "
+                   "k_min %d for target %.2f%s", time.perf_counter() - t0, bank.n_train,
                    prepared.description or "bank", bank.dim,
                    "no real reference" if real is None else
-                   f"real IRS_inf {real.estimate:.2%} from {real.n_samples} real images",
+                   f"real IRS_inf {real.estimate:.2%} (all {real.n_samples} real queries against {real.n_train} "
+                   f"training images), {at_budget.estimate:.2%} at the budget's sampling rate",
                    test.budget, test.k_min, self.settings.target_irs,
-                   " of real data" if self.settings.adjust and real is not None else "")
+                   " of the latter" if self.settings.adjust and real is not None else "")
 
     def _ensure_sinks(self) -> None:
         """History, TensorBoard and the saved evaluation (main process only)."""
@@ -325,7 +327,8 @@ class IRSMonitor:
                 tensorboard = TensorBoardLogger(writer, images=self.options.log_images, figure=self.options.log_images)
             sinks.append(TensorBoardSink(tensorboard, training_images=images,
                                          num_images=self.options.num_log_images if self.options.log_images else 0))
-        sinks.append(EvaluationFileSink(Path(history.path).with_name(LAST_EVALUATION_NAME)))
+        sinks.append(EvaluationFileSink(Path(history.path).with_name(LAST_EVALUATION_NAME),
+                                        training_images=images if self.options.log_images else None))
         self._sinks, self._history_sink = sinks, history
         if self._engine is not None:
             test = self._engine.rejection_test()
@@ -615,7 +618,7 @@ def _verdict_line(result: EvaluationResult) -> str:
         parts.append(f"IRS_inf {result.estimate}")
     if result.adjusted is not None:
         parts.append(f"adjusted {result.adjusted:.3f} vs target {result.target_irs:g} (real IRS_inf "
-                     f"{result.real.estimate:.2%} from {result.real.n_samples} real images at this sampling rate)")
+                     f"{result.real.estimate:.2%}; {result.matching})")
     if result.n_invalid:
         parts.append(f"{result.n_invalid} invalid")
     parts.append(f"{result.timing.get('total', 0.0):.1f} s")

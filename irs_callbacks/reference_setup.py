@@ -18,6 +18,7 @@ extractor, the distance, the cache); :func:`prepare_reference` turns it into a
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -176,9 +177,13 @@ def _image_lookup(data, value_range):
     if not (is_map_style(data) or isinstance(data, (torch.Tensor, np.ndarray))):
         return None
 
+    @functools.lru_cache(maxsize=256)  # the grids and galleries of one evaluation overlap
+    def one(row: int) -> torch.Tensor:
+        return item_tensor(data[row])
+
     def lookup(rows):
         with preserved_rng():
-            images = [item_tensor(data[int(i)]) for i in rows]
+            images = [one(int(i)) for i in rows]
         sizes = {tuple(x.shape[-2:]) for x in images}
         if len(sizes) > 1:  # a folder of different sizes: bring them to the first one's
             size = images[0].shape[-2:]

@@ -1,10 +1,19 @@
-"""``irs report``: a self-contained HTML page (PNG figures inlined) from a monitor history file.
+"""``irs report``: a self-contained HTML page (PNG figures inlined) from a monitor run.
 
-Figures: IRS_inf over training steps with its confidence band and the target; N_learned against
-samples drawn for one evaluation with the ideal curve (Eq. 2) and k_min; and, from a saved
-evaluation (per-training-image hit counts, :func:`save_evaluation`), the histogram of hits per
-training image against the uniform expectation (the detailed-balance paper's Fig. 3b) and grids of
-never-retrieved and most-retrieved training images with their counts.
+Input: a run folder (or its history file). In the folder (or its ``logs/`` or ``irs_logs/``
+subfolder, where the README's example and the monitor's default put them) the report finds the
+history ``irs_history.jsonl`` and the latest saved evaluation ``irs_last_evaluation.safetensors``
+(:func:`irs_callbacks.tracking.save_evaluation`), which carries the per-training-image hit counts
+and the training-image galleries the monitor recorded, so no training data is needed.
+
+Figures: IRS_inf (adjusted when a real-data measurement exists) over training steps with its
+confidence band and the target; N_learned against samples drawn for one evaluation with the
+ideal curve (Eq. 2) and k_min; and, from the saved evaluation, the histogram of hits per
+training image against the uniform expectation (the detailed-balance paper's Fig. 3b) and the
+galleries: the most retrieved training images and a seeded random sample of the never retrieved
+ones (:func:`~irs_callbacks.tracking.never_retrieved_sample`), each captioned with what it is and
+how many there are. ``train_data`` (CLI ``--train-data``) re-draws the galleries from the
+training images instead.
 """
 
 from __future__ import annotations
@@ -17,10 +26,33 @@ from pathlib import Path
 
 import numpy as np
 
-from irs_callbacks.history import read_history
-from irs_callbacks.tracking import curve_figure, load_evaluation, save_evaluation  # noqa: F401
+from irs_callbacks.files import expand_path, write_text_atomic
+from irs_callbacks.history import HISTORY_NAME, read_history
+from irs_callbacks.tracking import (LAST_EVALUATION_NAME, MOST_RETRIEVED, NEVER_RETRIEVED, curve_figure,
+                                    load_evaluation, select_galleries)
 
-__all__ = ["render_report", "retrieval_extremes"]
+__all__ = ["render_report", "find_run_files", "HISTORY_FILE_NAME", "RUN_SUBFOLDERS"]
+
+HISTORY_FILE_NAME = HISTORY_NAME  # the monitor's history file name
+RUN_SUBFOLDERS = (".", "logs", "irs_logs")  # where a run keeps them (README example: logs/)
+
+
+def find_run_files(run) -> tuple[Path, Path | None]:
+    """(history file, saved evaluation or None) of a run folder, or of a history file given directly
+    (its evaluation is the ``irs_last_evaluation.safetensors`` beside it, when there is one)."""
+    path = expand_path(run, "run")
+    if path.is_file():
+        evaluation = path.with_name(LAST_EVALUATION_NAME)
+        return path, evaluation if evaluation.is_file() else None
+    if not path.exists():
+        raise ValueError(f"{str(path)!r} does not exist (expected a run folder or a history file {HISTORY_FILE_NAME})")
+    for sub in RUN_SUBFOLDERS:
+        history = path / sub / HISTORY_FILE_NAME
+        if history.is_file():
+            evaluation = history.with_name(LAST_EVALUATION_NAME)
+            return history, evaluation if evaluation.is_file() else None
+    looked = ", ".join(str(path / sub / HISTORY_FILE_NAME) for sub in RUN_SUBFOLDERS)
+    raise ValueError(f"no monitor history in {str(path)!r} (looked for {looked}); pass the history file itself")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -58,10 +90,11 @@ def diversity_over_steps_figure(records: list[dict]):
         rejected = np.array([r["verdict"] == "reject" for r in rows])
         if rejected.any():
             ax.plot(steps[rejected], value[rejected], "x", color="tab:red", ms=9, mew=2, label="rejected")
-    target = records[-1].get("target_irs")
+    last = records[-1]
+    target = last.get("target_irs") if adjusted else (
+        last["target_s"] / last["n_train"] if last.get("target_s") is not None else last.get("target_irs"))
     if target is not None:
-        scale = 1.0 if adjusted or records[-1].get("real_irs") is None else records[-1]["real_irs"]
-        ax.axhline(target * scale, color="tab:green", ls="--", label=f"target {target * scale:.2f}")
+        ax.axhline(target, color="tab:green", ls="--", label=f"target {target:.2f}")
     ax.set_xlabel("training step")
     ax.set_ylabel("IRS_inf,a (adjusted)" if adjusted else "IRS_inf (fraction of N_train)")
     ax.set_ylim(bottom=0)
@@ -104,31 +137,38 @@ def image_grid_figure(images: np.ndarray, captions: list[str], title: str, colum
     return fig
 
 
-def retrieval_extremes(hits: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the ``top`` most retrieved training images (hits > 0, most first, lower index on
-    ties) and of the first ``top`` never retrieved ones."""
-    hits = np.asarray(hits)
-    most = np.argsort(-hits, kind="stable")[: min(top, int((hits > 0).sum()))]
-    return most, np.flatnonzero(hits == 0)[:top]
-
-
-def _training_images(train_data, indices: np.ndarray) -> np.ndarray:
-    """Images of the training set at ``indices`` as (n, H, W, C) floats in [0, 1]; the order is
-    the reference bank's (sorted file paths of a folder, rows of an array)."""
+def _train_data_loader(train_data, value_range=(0, 1)):
+    """rows -> float images [k, C, H, W] in [0, 1] of a training folder or .npy/.npz array (the
+    reference bank's order: sorted file paths of a folder, rows of an array); images of unequal
+    size are resized to the first one's size for the grid."""
     import torch
+    import torch.nn.functional as F
 
-    from irs_callbacks.image_io import ImageFolderDataset, load_array
+    from irs_callbacks.features import to_unit_range
+    from irs_callbacks.image_io import ImageFolderDataset, as_image_tensor, load_array
 
-    path = Path(train_data)
+    path = expand_path(train_data, "train_data")
     if path.is_dir():
         dataset = ImageFolderDataset(path)
-        images = torch.stack([torch.as_tensor(dataset[int(i)]) for i in indices])
+        get = lambda row: dataset[int(row)][None]  # noqa: E731
+        count = len(dataset)
     else:
-        images = torch.as_tensor(load_array(path))[torch.as_tensor(indices, dtype=torch.long)]
-    images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    if images.ndim == 3:
-        images = images[:, None]
-    return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        array = as_image_tensor(load_array(path))
+        get = lambda row: array[int(row)][None]  # noqa: E731
+        count = len(array)
+
+    def load(rows):
+        if len(rows) and int(np.max(rows)) >= count:
+            raise ValueError(f"train data {str(path)!r} has {count} images, the evaluation refers to row "
+                             f"{int(np.max(rows))}: is it the training set of this run?")
+        images = [to_unit_range(get(row), value_range) for row in rows]
+        size = images[0].shape[-2:] if images else None
+        images = [x if x.shape[-2:] == size else F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True)
+                  for x in images]
+        channels = max((x.shape[1] for x in images), default=1)
+        return torch.cat([x.expand(-1, channels, -1, -1) for x in images]).numpy() if images else np.zeros((0, 1, 1, 1))
+
+    return load
 
 
 # ----------------------------------------------------------------------------- page
@@ -161,56 +201,78 @@ def _table(records: list[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def render_report(history, out="irs_report.html", *, evaluation=None, train_data=None, step=None, top: int = 16) -> Path:
+_GALLERY_TITLES = {MOST_RETRIEVED: "Most retrieved training images", NEVER_RETRIEVED: "Never retrieved training images"}
+
+
+def _gallery_section(name: str, gallery, hits: np.ndarray) -> str:
+    title = _GALLERY_TITLES.get(name, name.replace("_", " ").capitalize())
+    images = gallery.images.transpose(0, 2, 3, 1).astype(np.float64) / 255.0
+    captions = [f"#{row}: {hits[row]}" if row < len(hits) else f"#{row}" for row in gallery.rows]
+    fig = image_grid_figure(images, captions, f"{title} (row: hits)")
+    return (f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(gallery.caption)}</p>"
+            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{_png(fig)}'>")
+
+
+def render_report(history, out="irs_report.html", *, evaluation=None, train_data=None, step=None, top: int = 16,
+                  seed: int = 0, train_value_range=(0, 1)) -> Path:
     """Write the HTML report and return its path.
 
-    history: the monitor's JSON-lines history file. evaluation: a file from
-    :func:`save_evaluation` (hit counts) for the histogram and grids. train_data: the training
-    images (folder or .npy/.npz, in reference-bank order) for the grids. step: which evaluation's
-    N_learned curve to draw (default: the evaluation file's, else the last).
+    history: a run folder (the history and the saved evaluation are found there or in its
+    ``logs/`` / ``irs_logs/`` subfolder, :func:`find_run_files`) or the monitor's history file.
+    evaluation: a saved evaluation (default: the one found beside the history). train_data:
+    training images (folder or .npy/.npz, in reference-bank order; float arrays in
+    ``train_value_range``) to draw the galleries from instead of those saved with the
+    evaluation (``top`` images each, the never-retrieved ones a random sample drawn with
+    ``seed``). step: which evaluation's N_learned curve to draw (default: the saved
+    evaluation's, else the last). The page is written atomically with the umask's permissions.
     """
-    records = read_history(history)
+    history_path, found_evaluation = find_run_files(history)
+    records = read_history(history_path)
     if not records:
-        raise ValueError(f"history {history} holds no evaluations")
-    hits = None
-    if evaluation is not None:
-        chosen, hits = load_evaluation(evaluation)
+        raise ValueError(f"history {history_path} holds no evaluations")
+    evaluation = found_evaluation if evaluation is None else expand_path(evaluation, "evaluation")
+    saved = load_evaluation(evaluation) if evaluation is not None else None
+    if saved is not None and step is None:
+        chosen = saved.record
     else:
-        chosen = records[-1] if step is None else next((r for r in records if r["step"] == step), None)
+        wanted = records[-1]["step"] if step is None else step
+        chosen = next((r for r in records if r["step"] == wanted), None)
         if chosen is None:
-            raise ValueError(f"step {step} is not in {history}; steps: {[r['step'] for r in records]}")
+            raise ValueError(f"step {step} is not in {history_path}; steps: {[r['step'] for r in records]}")
 
+    sources = f"history {html.escape(str(history_path))}"
+    if evaluation is not None:
+        sources += f", saved evaluation {html.escape(str(evaluation))} (step {saved.record.get('step')})"
     sections = [
-        f"<h1>IRS diversity report</h1><p class='note'>{len(records)} evaluations from "
-        f"{html.escape(str(history))}; N_train = {chosen['n_train']}, alpha_e = {chosen.get('alpha_e')}.</p>",
+        f"<h1>IRS diversity report</h1><p class='note'>{len(records)} evaluations from {sources}; "
+        f"N_train = {chosen['n_train']}, alpha_e = {chosen.get('alpha_e')}.</p>",
         "<h2>Diversity over training</h2>",
         f"<img alt='IRS over training steps' src='data:image/png;base64,{_png(diversity_over_steps_figure(records))}'>",
         _table(records),
         f"<h2>N_learned against samples drawn (step {chosen['step']})</h2>",
         f"<img alt='N_learned curve' src='data:image/png;base64,{_png(curve_figure(chosen, _figure()))}'>",
     ]
-    if hits is not None:
-        if len(hits) != chosen["n_train"]:
-            raise ValueError(f"evaluation has {len(hits)} hit counts for n_train = {chosen['n_train']}")
+    if saved is not None:
+        hits = saved.hits
+        if len(hits) != saved.record["n_train"]:
+            raise ValueError(f"evaluation has {len(hits)} hit counts for n_train = {saved.record['n_train']}")
         n_valid = int(hits.sum())
         sections += [
-            "<h2>Hits per training image</h2>",
+            f"<h2>Hits per training image (step {saved.record['step']})</h2>",
             f"<img alt='hits histogram' src='data:image/png;base64,{_png(hits_histogram_figure(hits, n_valid))}'>",
         ]
+        galleries = saved.galleries
         if train_data is not None:
-            most, never = retrieval_extremes(hits, top)
-            for title, idx in (("Most retrieved training images", most), ("Never retrieved training images", never)):
-                if len(idx):
-                    captions = [f"#{i}: {hits[i]}" for i in idx]
-                    fig = image_grid_figure(_training_images(train_data, idx), captions, f"{title} (index: hits)")
-                    sections.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{_png(fig)}'>")
-        else:
-            sections.append("<p class='note'>Pass the training images (--train-data) for image grids.</p>")
+            galleries = select_galleries(hits, _train_data_loader(train_data, train_value_range), count=top, seed=seed)
+        for name in [MOST_RETRIEVED, NEVER_RETRIEVED] + sorted(set(galleries) - {MOST_RETRIEVED, NEVER_RETRIEVED}):
+            if name in galleries:
+                sections.append(_gallery_section(name, galleries[name], hits))
+        if not galleries:
+            sections.append("<p class='note'>This saved evaluation carries no training-image galleries (written "
+                            "by an older monitor): pass the training images (--train-data) for them.</p>")
     else:
-        sections.append("<p class='note'>Pass a saved evaluation (--evaluation) for the hit histogram and grids.</p>")
+        sections.append(f"<p class='note'>No saved evaluation ({LAST_EVALUATION_NAME}) beside the history: no hit "
+                        "histogram or training-image galleries.</p>")
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>IRS report</title><style>{_STYLE}</style></head>"
-    out.write_text(page + "<body>" + "\n".join(sections) + "</body></html>")
-    return out
+    return write_text_atomic(expand_path(out, "out"), page + "<body>" + "\n".join(sections) + "</body></html>")

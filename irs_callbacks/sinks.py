@@ -87,18 +87,33 @@ class TensorBoardSink:
 
 
 class EvaluationFileSink:
-    """Writes the latest evaluation (record and hits per training image) to ``path``, atomically."""
+    """Writes the latest evaluation (record, hits per training image and the report's galleries:
+    the most retrieved training images and a seeded random sample of the never retrieved ones) to
+    ``path``, atomically. ``training_images(rows) -> float NCHW in [0, 1]`` (None: no galleries)."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, training_images=None):
         self.path = path
+        self.training_images = training_images
 
     def write(self, result, record) -> None:
         pass
 
-    def display(self, result, record, prepared=None) -> None:
+    def prepare(self, result):
+        """The galleries (training images read here, on the training thread), or None."""
+        if self.training_images is None:
+            return None
+        from irs_callbacks.tracking import select_galleries
+
+        try:
+            return select_galleries(result.hits.numpy(), self.training_images)
+        except Exception as error:  # noqa: BLE001 - a display nicety, never fatal
+            logger.warning("IRSMonitor: could not load the training images of the report's galleries: %s", error)
+            return None
+
+    def display(self, result, record, galleries=None) -> None:
         from irs_callbacks.tracking import save_evaluation
 
-        save_evaluation(self.path, record.as_dict(), result.hits)
+        save_evaluation(self.path, record.as_dict(), result.hits, galleries=galleries)
 
     def close(self) -> None:
         pass

@@ -34,6 +34,7 @@ __all__ = [
     "log_pmf_distinct",
     "IRSEstimate",
     "irs_infinity",
+    "ml_diversity",
     "adjusted_irs",
     "rejection_threshold",
     "Decision",
@@ -325,6 +326,26 @@ def _first_true(predicate, lo: int, hi: int) -> int:
     return lo
 
 
+def _ml_diversity(k: int, n: int, big_n: int) -> int:
+    """s_hat of Eq. 7 for validated k <= n, k <= N (ties toward the larger s)."""
+    # MLE: log P(s + 1) - log P(s) = -ln(1 - k/(s+1)) - n ln(1 + 1/s) decreases in s.
+    if k == n or k == big_n:
+        return big_n  # k = n: P(s) = prod_{i<n} (1 - i/s) increases in s; k = N: s = N is all there is
+    return _first_true(lambda s: -math.log1p(-k / (s + 1)) - n * math.log1p(1.0 / s) < 0, k, big_n - 1)
+
+
+def ml_diversity(n_learned, n_samples, n_train) -> int:
+    """The maximum-likelihood potential diversity s_hat of Eq. 7 alone (an image count; IRS_inf =
+    s_hat / n_train), without the bounds: what :func:`irs_infinity` returns as ``s_hat``, at a
+    fraction of its cost (a bisection over s)."""
+    n = check_int(n_samples, "n_samples", 1)
+    big_n = check_int(n_train, "n_train", 1)
+    k = check_int(n_learned, "n_learned", 1)
+    if k > n or k > big_n:
+        raise ValueError(f"n_learned ({k}) cannot exceed n_samples ({n}) or n_train ({big_n})")
+    return _ml_diversity(k, n, big_n)
+
+
 def irs_infinity(n_learned, n_samples, n_train, alpha_e=0.05) -> IRSEstimate:
     """Maximum-likelihood potential diversity IRS_inf with its confidence interval.
 
@@ -342,12 +363,7 @@ def irs_infinity(n_learned, n_samples, n_train, alpha_e=0.05) -> IRSEstimate:
     if k > big_n:
         raise ValueError(f"n_learned ({k}) cannot exceed n_train ({big_n})")
 
-    # MLE: log P(s + 1) - log P(s) = -ln(1 - k/(s+1)) - n ln(1 + 1/s) decreases in s.
-    if k == n or k == big_n:
-        s_hat = big_n  # k = n: P(s) = prod_{i<n} (1 - i/s) increases in s; k = N: s = N is all there is
-    else:
-        s_hat = _first_true(lambda s: -math.log1p(-k / (s + 1)) - n * math.log1p(1.0 / s) < 0, k, big_n - 1)
-
+    s_hat = _ml_diversity(k, n, big_n)
     occupancy = _Occupancy(n)
     log_alpha = math.log(alpha)
     # P(K >= k | s) grows with s: first s where it exceeds alpha.

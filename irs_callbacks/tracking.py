@@ -10,8 +10,12 @@ TensorBoard tags (all under ``irs/``; the step is the training step of the evalu
   (1 = pass, 0 = reject), ``irs/time_sampling``, ``irs/time_features``, ``irs/time_monitor``
   (seconds; ``time_monitor`` here excludes the logging itself, the history file's
   ``timing.monitor`` includes its part on the training loop's thread);
-- custom scalars: chart "Margin" (``irs/estimate`` with band ``irs/lower``..``irs/upper``) and
-  "Adjusted margin";
+- ``irs/target`` (the target on the IRS_inf scale: ``target_s / N_train``) and
+  ``irs/target_adjusted`` (the target on the adjusted scale, ``target_irs``, when a real-data
+  measurement exists), so that the distance to the target can be read off;
+- custom scalars (:data:`MARGIN_LAYOUT`): chart "Margin" (``irs/estimate`` with band
+  ``irs/lower``..``irs/upper``, and ``irs/target`` as a second series) and "Adjusted margin"
+  (``irs/adjusted`` with its band and ``irs/target_adjusted``);
 - histogram ``irs/hits``: how many samples retrieved each training image;
 - images ``irs/samples`` (a grid of generated samples), ``irs/over_retrieved`` (the most often
   retrieved training images), ``irs/curve`` (N_learned against samples drawn, with the ideal
@@ -27,31 +31,75 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from irs_callbacks.files import write_atomic
+from irs_callbacks.files import expand_path, write_atomic
 from irs_callbacks.history import json_value
 
-__all__ = ["save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME", "TensorBoardLogger", "BackgroundWork",
-           "SCALAR_TAGS"]
+__all__ = ["save_evaluation", "load_evaluation", "LAST_EVALUATION_NAME",
+           "TensorBoardLogger", "BackgroundWork", "SCALAR_TAGS", "MARGIN_LAYOUT", "Gallery",
+           "SavedEvaluation", "never_retrieved_sample", "most_retrieved", "select_galleries",
+           "margin_layout_summary"]
 
 logger = logging.getLogger(__name__)
+
 
 SCALAR_TAGS = ("irs/irs_alpha", "irs/estimate", "irs/lower", "irs/upper", "irs/adjusted",
                "irs/adjusted_lower", "irs/adjusted_upper", "irs/n_learned", "irs/k_min",
                "irs/samples_used", "irs/n_invalid", "irs/verdict", "irs/time_sampling",
-               "irs/time_features", "irs/time_monitor")
+               "irs/time_features", "irs/time_monitor", "irs/target", "irs/target_adjusted")
 
+#: TensorBoard custom-scalars layout: category -> chart title -> ("Margin", [series, ...]), each
+#: series [value, lower, upper]; the target is a series whose band has zero width (a line).
 MARGIN_LAYOUT = {"IRS": {
-    "Margin": ["Margin", ["irs/estimate", "irs/lower", "irs/upper"]],
-    "Adjusted margin": ["Margin", ["irs/adjusted", "irs/adjusted_lower", "irs/adjusted_upper"]],
+    "Margin": ["Margin", [["irs/estimate", "irs/lower", "irs/upper"], ["irs/target"] * 3]],
+    "Adjusted margin": ["Margin", [["irs/adjusted", "irs/adjusted_lower", "irs/adjusted_upper"],
+                                   ["irs/target_adjusted"] * 3]],
 }}
+
+
+def margin_layout_summary(layout: dict = MARGIN_LAYOUT):
+    """The custom-scalars layout ``layout`` as a TensorBoard ``Summary`` protobuf (margin charts
+    with several series; ``SummaryWriter.add_custom_scalars`` takes only one per chart)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+
+    categories = []
+    for category, charts in layout.items():
+        protos = []
+        for title, (kind, series) in charts.items():
+            if kind != "Margin":
+                raise ValueError(f"chart {title!r}: only 'Margin' charts are supported here, got {kind!r}")
+            content = layout_pb2.MarginChartContent(series=[
+                layout_pb2.MarginChartContent.Series(value=v, lower=lo, upper=hi) for v, lo, hi in series])
+            protos.append(layout_pb2.Chart(title=title, margin=content))
+        categories.append(layout_pb2.Category(title=category, chart=protos))
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout_pb2.Layout(category=categories).SerializeToString()],
+                         tensor_shape=TensorShapeProto())
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+    return Summary(value=[Summary.Value(tag="custom_scalars__config__", tensor=tensor, metadata=metadata)])
+
+
+def _write_layout(writer) -> None:
+    """Write :data:`MARGIN_LAYOUT` through ``writer``'s event file (torch's and tensorboardX's
+    ``SummaryWriter`` expose it as ``file_writer``); other writers get the first series of each
+    chart through ``add_custom_scalars``."""
+    file_writer = getattr(writer, "file_writer", None)
+    if file_writer is not None and hasattr(file_writer, "add_summary"):
+        file_writer.add_summary(margin_layout_summary())
+        return
+    writer.add_custom_scalars({category: {title: [kind, series[0]] for title, (kind, series) in charts.items()}
+                               for category, charts in MARGIN_LAYOUT.items()})
 
 
 #: the latest evaluation (hits per training image + its record), written next to the history file
@@ -69,6 +117,10 @@ def scalars_of(record: dict) -> dict[str, float]:
     for key in ("sampling", "features", "monitor"):
         if key in record.get("timing", {}):
             out[f"irs/time_{key}"] = record["timing"][key]
+    if record.get("target_s") is not None and record.get("n_train"):
+        out["irs/target"] = record["target_s"] / record["n_train"]  # IRS_inf scale (fraction of N_train)
+    if record.get("target_irs") is not None and record.get("real_irs") is not None:
+        out["irs/target_adjusted"] = record["target_irs"]  # the adjusted scale
     return {k: float(v) for k, v in out.items()}
 
 
@@ -123,7 +175,7 @@ class TensorBoardLogger:
         if w is None:
             return
         if not self._layout_written:
-            w.add_custom_scalars(MARGIN_LAYOUT)
+            _write_layout(w)
             self._layout_written = True
         if self.write_scalars:
             for tag, value in scalars.items():
@@ -346,27 +398,153 @@ def _grid(images, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     return np.pad(grid, ((0, 0), (0, pad), (0, pad)))
 
 
-def save_evaluation(path, record: dict, hits) -> Path:
-    """Write one evaluation: ``hits`` [N_train] as safetensors, ``record`` (history schema) as
-    its JSON metadata. Read back with :func:`load_evaluation`; nothing is pickled."""
-    import torch
-    from safetensors.torch import save_file
+# ----------------------------------------------------------------------------- saved evaluation
 
-    hits = torch.as_tensor(np.asarray(hits), dtype=torch.int64).flatten().contiguous()
-    metadata = {"record": json.dumps(json_value(dict(record)))}
-    return write_atomic(path, lambda tmp: save_file({"hits": hits}, str(tmp), metadata=metadata))
+#: gallery names used by :func:`select_galleries` (and shown by ``irs report``)
+MOST_RETRIEVED, NEVER_RETRIEVED = "most_retrieved", "never_retrieved"
+_GALLERY_NAME = re.compile(r"^[a-z0-9_]+$")
 
 
-def load_evaluation(path) -> tuple[dict, np.ndarray]:
-    """(record, hits) from a file written by :func:`save_evaluation`."""
+@dataclass(frozen=True)
+class Gallery:
+    """Training images saved with an evaluation for the report.
+
+    rows: int64 ``[k]``, the training-set rows shown (the reference bank's order); images: uint8
+    ``[k, C, H, W]`` (C = 1 or 3), the images of those rows; caption: what the selection is
+    (e.g. "16 of the 1,724 never retrieved training images: a seeded random sample").
+    """
+
+    rows: np.ndarray
+    images: np.ndarray
+    caption: str
+
+    def __post_init__(self):
+        rows = np.asarray(self.rows)
+        images = np.asarray(self.images)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise ValueError(f"Gallery rows must be a 1-D integer array, got dtype {rows.dtype} shape {rows.shape}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != rows.shape[0] or \
+                images.shape[1] not in (1, 3):
+            raise ValueError(f"Gallery images must be uint8 [k, C, H, W] with C in {{1, 3}} and k = {rows.shape[0]} "
+                             f"rows, got dtype {images.dtype} shape {images.shape} (Gallery.of converts)")
+        if not isinstance(self.caption, str):
+            raise ValueError(f"Gallery caption must be a string, got {type(self.caption).__name__}")
+        object.__setattr__(self, "rows", rows.astype(np.int64))
+        object.__setattr__(self, "images", np.ascontiguousarray(images))
+
+    @classmethod
+    def of(cls, rows, images, caption: str) -> "Gallery":
+        """A gallery from images as they come: tensors or arrays, NCHW or (k, H, W), uint8 (0..255),
+        uint16 (0..65535) or float in [0, 1] (NaN shown black); converted to uint8 NCHW."""
+        if hasattr(images, "detach"):  # a torch tensor, without importing torch here
+            images = images.detach().cpu()
+            images = (images.float() if str(images.dtype) == "torch.bfloat16" else images).numpy()
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[:, None]
+        if images.dtype == np.uint16:
+            images = np.round(images.astype(np.float64) / 257.0).astype(np.uint8)
+        elif images.dtype.kind == "f":
+            images = np.round(np.clip(np.nan_to_num(images.astype(np.float64), nan=0.0), 0, 1) * 255).astype(np.uint8)
+        elif images.dtype != np.uint8:
+            raise ValueError(f"gallery images must be uint8, uint16 or float in [0, 1], got dtype {images.dtype}")
+        return cls(np.asarray(rows, dtype=np.int64), images, caption)
+
+
+@dataclass(frozen=True)
+class SavedEvaluation:
+    """What :func:`load_evaluation` returns: the history ``record``, ``hits`` int64 ``[N_train]``
+    (samples that retrieved each training image) and the ``galleries`` saved with them."""
+
+    record: dict
+    hits: np.ndarray
+    galleries: dict
+
+
+def most_retrieved(hits, count: int = 16) -> np.ndarray:
+    """Rows of the ``count`` most retrieved training images (hits > 0 only), most hits first,
+    lower row first on ties."""
+    hits = np.asarray(hits)
+    order = np.argsort(-hits, kind="stable")
+    return order[: min(int(count), int((hits > 0).sum()))].astype(np.int64)
+
+
+def never_retrieved_sample(hits, count: int = 16, seed: int = 0) -> tuple[np.ndarray, int]:
+    """(rows, total): a uniformly random sample, without replacement, of ``count`` of the
+    ``total`` never retrieved training images (hits == 0), drawn by
+    ``numpy.random.default_rng(seed)`` and sorted by row. Random, not the first rows: the order
+    of a training set (class folders, shards) says nothing about what the model misses, a
+    uniform sample is an unbiased picture of it."""
+    never = np.flatnonzero(np.asarray(hits) == 0)
+    total = int(never.size)
+    if total <= count:
+        return never.astype(np.int64), total
+    chosen = np.random.default_rng(seed).choice(never, size=int(count), replace=False)
+    return np.sort(chosen).astype(np.int64), total
+
+
+def select_galleries(hits, load_images, *, count: int = 16, seed: int = 0) -> dict:
+    """The report's two galleries for ``hits``: ``most_retrieved`` and ``never_retrieved``
+    (:func:`most_retrieved`, :func:`never_retrieved_sample`), with captions that say what they
+    are and how many; ``load_images(rows)`` returns the training images of ``rows`` (anything
+    :meth:`Gallery.of` takes). Empty selections are left out."""
+    galleries = {}
+    hits = np.asarray(hits)
+    most = most_retrieved(hits, count)
+    if most.size:
+        galleries[MOST_RETRIEVED] = Gallery.of(
+            most, load_images(most), f"the {most.size} most retrieved training images (row: hits; "
+                                     f"{int((hits > 0).sum()):,} of {hits.size:,} retrieved at least once)")
+    never, total = never_retrieved_sample(hits, count, seed)
+    if never.size:
+        how = "all of them" if never.size == total else f"a random sample (seed {seed})"
+        galleries[NEVER_RETRIEVED] = Gallery.of(
+            never, load_images(never), f"{never.size} of the {total:,} never retrieved training images "
+                                       f"({total / hits.size:.1%} of {hits.size:,}): {how}")
+    return galleries
+
+
+def save_evaluation(path, record: dict, hits, *, galleries: dict | None = None) -> Path:
+    """Write one evaluation: ``hits`` [N_train] and each gallery's rows and images as safetensors
+    tensors (``hits``, ``gallery.<name>.rows``, ``gallery.<name>.images``), ``record`` (history
+    schema) and the gallery captions as its JSON metadata. Read back with
+    :func:`load_evaluation`; nothing is pickled. Atomic, umask-respecting."""
+    from safetensors.numpy import save_file
+
+    tensors = {"hits": np.ascontiguousarray(np.asarray(hits, dtype=np.int64).reshape(-1))}
+    captions = {}
+    for name, gallery in (galleries or {}).items():
+        if not isinstance(name, str) or not _GALLERY_NAME.match(name):
+            raise ValueError(f"gallery names must match [a-z0-9_]+, got {name!r}")
+        if not isinstance(gallery, Gallery):
+            raise TypeError(f"galleries[{name!r}] must be a Gallery, got {type(gallery).__name__}")
+        tensors[f"gallery.{name}.rows"] = gallery.rows
+        tensors[f"gallery.{name}.images"] = gallery.images
+        captions[name] = gallery.caption
+    metadata = {"record": json.dumps(json_value(record)), "galleries": json.dumps(captions)}
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_evaluation(path) -> SavedEvaluation:
+    """A file written by :func:`save_evaluation` (files without galleries give ``galleries={}``)."""
     from safetensors import safe_open
 
+    path = expand_path(path, "evaluation")
+    if not path.is_file():
+        raise ValueError(f"evaluation file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
-            hits = f.get_tensor("hits")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as error:  # noqa: BLE001 - safetensors raises several types
         raise ValueError(f"evaluation {path} is not a saved IRS evaluation (safetensors with 'hits'): {error}") from None
-    if "record" not in metadata:
-        raise ValueError(f"evaluation {path} has no 'record' metadata")
-    return json.loads(metadata["record"]), hits.astype(np.int64)
+    if "record" not in metadata or "hits" not in tensors:
+        raise ValueError(f"evaluation {path} has no 'record' metadata or no 'hits' tensor")
+    galleries = {}
+    for name, caption in json.loads(metadata.get("galleries") or "{}").items():
+        try:
+            galleries[name] = Gallery(tensors[f"gallery.{name}.rows"], tensors[f"gallery.{name}.images"], caption)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"evaluation {path}: gallery {name!r} is incomplete or malformed ({error})") from None
+    return SavedEvaluation(record=json.loads(metadata["record"]), hits=tensors["hits"].astype(np.int64),
+                           galleries=galleries)

@@ -255,3 +255,30 @@ def test_unjudged_checkpoints_are_reported_once(tmp_path, caplog):
         del model
     unjudged = [r for r in caplog.records if "no evaluation at its step" in r.message]
     assert len(unjudged) == 1 and "checkpoint-2" in unjudged[0].message
+
+
+def test_samples_outside_their_value_range_give_no_verdict_and_delete_nothing(tmp_path, caplog):
+    """A sampler returning floats in 0..255 under the default value_range (0, 1): every evaluation
+    is an error naming the fix; no verdict, nothing pruned, training goes on."""
+
+    class Bytes(ClassSampler):
+        def generate(self, indices, generators):
+            return super().generate(indices, generators) * 255
+
+    x, _ = digits()
+    m2 = IRSMonitor(Bytes(), reference=ReferenceConfig(extractor=pixels, progress=False), num_samples=300,
+                    batch_size=60, pruner="rejected", options=MonitorOptions(log_images=False))
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path / "b")))
+    model = acc.prepare(torch.nn.Linear(4, 4))
+    m2.attach(acc, torch.utils.data.TensorDataset(x[TRAIN]))
+    with caplog.at_level(logging.ERROR, logger="irs_callbacks.monitor"):
+        for step in range(1, 13):
+            if step % 4 == 0:
+                acc.save_state(str(tmp_path / "b" / f"checkpoint-{step}"))
+            assert m2.step(step) is False
+        m2.close()
+    assert m2.history == [] and [step for step, _ in m2.errors] == [4, 8, 12]
+    assert "divide by 255" in m2.errors[0][1] or "value_range=(0, 255)" in m2.errors[0][1]
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4",
+                                                                            "checkpoint-8"]
+    del model

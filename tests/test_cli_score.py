@@ -1,13 +1,14 @@
 """`irs score` and `irs reference build` end to end on small folders of digit PNGs."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from irs_callbacks.cli import main
-from irs_callbacks.stats import adjusted_irs, irs_infinity
+from irs_callbacks.stats import adjusted_irs, irs_infinity, rejection_threshold
 
 FAST = ["--input-size", "75", "--no-progress"]  # default extractor (random-inception), tiny input
 
@@ -76,6 +77,8 @@ def test_score_folders_prints_and_writes_consistent_numbers(folders, tmp_path, c
     # split of TRAIN: 20 queries vs 20; at the samples' alpha (12/40) 6 of the queries
     assert result["real_measurement"]["method"] == "split" and real["n_samples"] == 6 and real["n_train"] == 20
     assert result["adjusted"] == pytest.approx(adjusted_irs(result["irs_inf"]["estimate"], real["estimate"]))
+    assert result["alpha_matching"] == "real-subsampled" and result["matched_alpha"] == pytest.approx(12 / 40)
+    assert "compared at" in out and "real reference subsampled to the samples' alpha" in out
     assert result["extractor"]["input_size"] == [75, 75]
     # second run: the cached bank gives the very same numbers
     out_json2 = tmp_path / "score2.json"
@@ -146,3 +149,98 @@ def test_other_metrics_are_delegated(folders, tmp_path, capsys, monkeypatch):
                   "--json", str(out_json)], capsys)
     assert calls == {"real": torch.Size([40, 2048]), "fake": torch.Size([12, 2048]), "metrics": ("fid",), "k": 5}
     assert "fid" in out and json.loads(out_json.read_text())["metrics"] == {"fid": 1.5}
+
+
+def test_target_prints_a_verdict_and_exits_0_either_way(folders, tmp_path, capsys):
+    one = np.stack([np.asarray(__import__("PIL.Image").Image.open(folders / "samples" / "000.png"))] * 12)
+    np.save(tmp_path / "one_image.npy", one)  # a collapsed model: 12 samples, one image
+    verdicts = {}
+    for name, samples in (("diverse", folders / "samples"), ("collapsed", tmp_path / "one_image.npy")):
+        out_json = tmp_path / f"{name}.json"
+        out = run_ok(["score", str(folders / "train"), str(samples), *FAST, "--target", "0.5",
+                      "--json", str(out_json)], capsys)
+        result = json.loads(out_json.read_text())
+        k_min = rejection_threshold(40, 0.5, 12, 0.05, real_irs=result["real"]["estimate"])
+        verdict = result["target"]
+        assert verdict["k_min"] == k_min and verdict["scale"] == "relative to real data"
+        assert verdict["verdict"] == ("pass" if result["n_learned"] > k_min else "reject")
+        assert "verdict" in out and verdict["verdict"] in out and f"k_min {k_min}" in out
+        verdicts[name] = verdict["verdict"]
+    assert verdicts == {"diverse": "pass", "collapsed": "reject"}
+    assert "--target" in run_fails(["score", str(folders / "train"), str(folders / "samples"), *FAST,
+                                    "--target", "1.5"], capsys)
+
+
+def test_bad_arrays_banks_outputs_and_devices_get_one_line(folders, tmp_path, capsys):
+    train, samples = str(folders / "train"), str(folders / "samples")
+    digits = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted((folders / "samples").iterdir())])
+    cases = {
+        "bool.npy": (digits > 8, "bool arrays are not images"),
+        "complex.npy": (digits.astype(np.complex64), "complex arrays are not images"),
+        "int16.npy": (digits.astype(np.int16) * 200, "store 16-bit images as uint16"),
+        "float255.npy": (digits.astype(np.float32), "floats in 0..255: divide by 255"),
+        "signed.npy": (digits.astype(np.float32) / 127.5 - 1, "pass value_range=(-1, 1)"),
+    }
+    for name, (array, message) in cases.items():
+        np.save(tmp_path / name, array)
+        err = run_fails(["score", train, str(tmp_path / name), *FAST], capsys)
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    err = run_fails(["score", train, str(tmp_path / "float255.npy"), *FAST], capsys)
+    assert "--value-range 0,255" in err and "[0, 255]" in err
+    # uint16 arrays are 16-bit images: the same digits at 16 bits score exactly as at 8 bits
+    np.save(tmp_path / "u16.npy", digits.astype(np.uint16) * 257)
+    np.save(tmp_path / "u8.npy", digits)
+    scores = {}
+    for name, extra in (("u8.npy", []), ("u16.npy", []), ("float255.npy", ["--value-range", "0,255"])):
+        run_ok(["score", train, str(tmp_path / name), *FAST, "--json", str(tmp_path / f"{name}.json"), *extra], capsys)
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["u16.npy"]["n_learned"] == scores["u8.npy"]["n_learned"] == scores["float255.npy"]["n_learned"]
+    assert scores["u16.npy"]["irs_inf"] == scores["u8.npy"]["irs_inf"]
+    # outputs: a folder, a path under a file; checked before any work
+    assert "is a folder" in run_fails(["reference", "build", train, "--out", str(tmp_path), *FAST], capsys)
+    (tmp_path / "plain").write_text("x")
+    assert "not a writable folder" in run_fails(["reference", "build", train, "--out",
+                                                 str(tmp_path / "plain" / "b.safetensors"), *FAST], capsys)
+    assert "is a folder" in run_fails(["score", train, samples, *FAST, "--json", str(tmp_path)], capsys)
+    # a bank missing a metadata field
+    bank = tmp_path / "bank.safetensors"
+    old = os.umask(0o022)
+    try:
+        run_ok(["reference", "build", train, "--out", str(bank), *FAST], capsys)
+    finally:
+        os.umask(old)
+    assert (bank.stat().st_mode & 0o777) == 0o644  # follows the umask (was 0600)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(bank), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["irs_reference"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    del meta["dim"]
+    save_file(tensors, str(tmp_path / "nodim.safetensors"), metadata={"irs_reference": json.dumps(meta)})
+    err = run_fails(["score", str(tmp_path / "nodim.safetensors"), samples, "--no-progress"], capsys)
+    assert "lacks the metadata field 'dim'" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        err = run_fails(["score", train, samples, *FAST, "--device", "cuda"], capsys)
+        assert "no" in err and "--device cpu" in err
+
+
+def test_paths_are_expanded(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(folders))
+    monkeypatch.setenv("IRS_TEST_OUT", str(tmp_path))
+    run_ok(["score", "~/train", "~/samples", *FAST, "--json", "$IRS_TEST_OUT/s.json"], capsys)
+    assert json.loads((tmp_path / "s.json").read_text())["train"] == str(folders / "train")
+
+
+def test_offline_pretrained_extractor_fails_at_once_with_one_line(folders, capsys, monkeypatch):
+    from irs_callbacks import features
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("offline mode must not touch the network")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(features, "_endpoint_reachable", no_network)
+    monkeypatch.setattr(features, "_cached_hub_weights", lambda name: None)
+    err = run_fails(["score", str(folders / "train"), str(folders / "samples"), "--extractor", "dinov2-vitb14",
+                     "--no-progress"], capsys)
+    assert "--weights PATH" in err and "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1

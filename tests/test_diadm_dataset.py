@@ -72,3 +72,17 @@ def test_feature_source_for_augmented_datasets():
     assert torch.equal(ds[0]["image"], images[0].flip(-1) * 2 - 1)
     with pytest.raises(ValueError, match="feature_source"):
         PseudoLabelDataset(Flipping(), _Pool(), feature_source=images[:3], device="cpu", progress=False)
+
+
+def test_value_range_is_declared_never_assumed():
+    """diffusers data is usually [-1, 1]: under the default (0, 1) it is an error naming the fix, and
+    with value_range=(-1, 1) the features are those of the same images in [0, 1]."""
+    images = _images()
+    signed = images * 2 - 1
+    with pytest.raises(ValueError, match=r"values in \[-0.99\d+, 0.99\d+\].*pass value_range=\(-1, 1\)"):
+        PseudoLabelDataset(TensorDataset(signed), _Pool(), device="cpu", progress=False)
+    ds = PseudoLabelDataset(TensorDataset(signed), _Pool(), value_range=(-1, 1), device="cpu", progress=False)
+    unit = PseudoLabelDataset(TensorDataset(images), _Pool(), device="cpu", progress=False)
+    torch.testing.assert_close(ds.features, unit.features)
+    with pytest.raises(ValueError, match="value_range"):
+        PseudoLabelDataset(TensorDataset(images), _Pool(), value_range=(1, -1), device="cpu", progress=False)

@@ -55,7 +55,8 @@ def test_example_runs_and_leaves_its_logs(tmp_path):
     from irs_callbacks.report import render_report
     from irs_callbacks.tracking import LAST_EVALUATION_NAME, load_evaluation
 
-    record, hits = load_evaluation(out / "logs" / LAST_EVALUATION_NAME)
+    saved = load_evaluation(out / "logs" / LAST_EVALUATION_NAME)
+    record, hits = saved.record, saved.hits
     assert record["step"] == 20 and len(hits) == 120 and hits.sum() == record["samples_used"] - record["n_invalid"]
     page = render_report(out / "logs" / "irs_history.jsonl", tmp_path / "report.html",
                          evaluation=out / "logs" / LAST_EVALUATION_NAME, train_data=data).read_text()

@@ -255,3 +255,160 @@ def mixed_dataset(items):
             return items[i]
 
     return ListDataset()
+
+
+# --------------------------------------------------------------------------- calibration, pinned values
+
+
+def pinned_input():
+    """Two fixed 32 x 32 RGB images from closed-form patterns (no RNG), resized to the input size."""
+    h = torch.arange(32, dtype=torch.float64)[:, None]
+    w = torch.arange(32, dtype=torch.float64)[None, :]
+    a = 0.5 + 0.5 * torch.sin(h / 3.0) * torch.cos(w / 5.0)
+    b = ((h - 16) ** 2 + (w - 12) ** 2 < 100).double() * 0.8 + 0.1
+    return torch.stack([torch.stack([a, a.T, 1 - a]), torch.stack([b, b, b * 0.5])]).float()
+
+
+PINNED_COORDINATES = [0, 1, 2, 3, 100, 500, 1000, 2047]
+PINNED = {  # random-inception at 75 px on pinned_input(), torch 2.14 / timm 1.0.31, CPU float32
+    "scale_log2": -22,
+    "weights_sha256": "8befa51a96a738c93e73f570c91c781c3f84a5c9ebf30a915c8157db62e817d7",
+    "norms": [69.76330, 104.64229],
+    "values": [[1.6298599, 1.6888331, 2.6621380, 1.5798485, 0.0, 0.0, 1.6050985, 0.1019646],
+               [2.5698245, 2.7384752, 4.2180643, 2.4855528, 0.0, 0.0, 2.4709034, 0.1696583]],
+    "argmax": [1442, 1442],
+}
+
+
+def test_default_extractor_matches_pinned_reference_values(random_inception):
+    """torch-fidelity style: hard-coded features of the default extractor on a fixed input, so that a
+    timm or torch upgrade that changes the network, its random init or the preprocessing is caught.
+    Tolerance 1e-4 of the largest feature: summation order (BLAS, threads, batch size) moves the
+    features by about 2e-6 of it here; any change of init or preprocessing moves them by O(1)."""
+    assert random_inception.identity["weights_sha256"] == PINNED["weights_sha256"]
+    assert random_inception.identity["calibration"]["scale_log2"] == PINNED["scale_log2"]
+    features = random_inception(pinned_input()).double()
+    scale = float(features.abs().max())
+    assert scale == pytest.approx(13.788, rel=1e-3)
+    tolerance = 1e-4 * scale
+    expected = torch.tensor(PINNED["values"], dtype=torch.float64)
+    torch.testing.assert_close(features[:, PINNED_COORDINATES], expected, rtol=0, atol=tolerance)
+    torch.testing.assert_close(features.norm(dim=1), torch.tensor(PINNED["norms"], dtype=torch.float64),
+                               rtol=0, atol=tolerance)
+    assert features.argmax(dim=1).tolist() == PINNED["argmax"]
+
+
+def test_calibration_is_an_exact_power_of_two_of_the_random_network(random_inception, digits_uint8, tmp_path):
+    """Calibrated features are the uncalibrated network's output times 2**scale_log2, bit for bit:
+    nearest neighbours, ties and cosines are those of the paper's Random extractor."""
+    scale_log2 = random_inception.identity["calibration"]["scale_log2"]
+    assert random_inception.output_scale == 2.0 ** scale_log2
+    x = random_inception.preprocess(digits_uint8)
+    with torch.no_grad():
+        raw = random_inception.model((x - random_inception.mean) / random_inception.std)
+    assert torch.equal(random_inception(digits_uint8), raw * 2.0 ** scale_log2)
+    # on its own calibration input the feature RMS is 1 within a factor sqrt(2) ...
+    calibration = feat.pink_noise(feat.CALIBRATION_IMAGES, (SMALL, SMALL), torch.Generator().manual_seed(0))
+    rms = float(random_inception(calibration).square().mean().sqrt())
+    assert 2 ** -0.5 <= rms <= 2 ** 0.5
+    # ... and raw features are ~1e8 (what the calibration removes)
+    assert float(raw.norm(dim=1).min()) > 1e7
+    # part of the identity: a bank built before (no calibration field) is refused by the usual message
+    from irs_callbacks.reference import ReferenceBank
+
+    old_identity = {k: v for k, v in random_inception.identity.items() if k != "calibration"}
+    old_bank = ReferenceBank.from_features(torch.rand(6, 4), extractor_identity=old_identity, measure=False)
+    path = old_bank.save(tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match=r"does not match what is asked for: extractor\.calibration: saved '<missing>'"):
+        ReferenceBank.load(path, expect={"extractor": random_inception.identity})
+
+
+def test_value_range_violations_are_one_line_errors_and_nan_passes(random_inception, digits_uint8):
+    unit = digits_uint8.float() / 255
+    with pytest.raises(ValueError, match=r"values in \[0, 255\], outside value_range=\(0, 1\).*floats in 0\.\.255: "
+                                         r"divide by 255 or pass value_range=\(0, 255\)") as info:
+        random_inception(unit * 255)
+    assert isinstance(info.value, feat.ValueRangeError) and info.value.suggested == (0.0, 255.0)
+    assert "\n" not in str(info.value)
+    close(random_inception(unit * 255, value_range=(0, 255)), random_inception(digits_uint8))
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\].*pass value_range=\(-1, 1\)"):
+        random_inception(unit * 2 - 1)  # diffusers' [-1, 1] data under the default (0, 1)
+    # small overshoot (an unclamped sampler) is clipped, not an error
+    over = unit * 1.08 - 0.04  # [-0.04, 1.04]
+    close(random_inception(over), random_inception(over.clamp(0, 1)), rel=1e-6)
+    # NaN/Inf never raise, even next to out-of-range-looking values: invalid rows
+    bad = unit.clone()
+    bad[0] = float("nan")
+    bad[1, 0, 0, 0] = float("inf")
+    out = random_inception(bad)
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2:]).all()
+    assert torch.isnan(random_inception(torch.full((2, 1, 8, 8), float("nan")))).all()
+    # uint16 images are 16-bit: 257 * the uint8 values give the same features
+    wide = digits_uint8.to(torch.int32).mul(257).to(torch.uint16)
+    assert torch.equal(feat.to_unit_range(wide), feat.to_unit_range(digits_uint8))
+
+
+def test_offline_pretrained_extractors_fail_at_once(monkeypatch, tmp_path):
+    import timm
+
+    real_create = timm.create_model
+    calls = []
+
+    def create(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained, kwargs.get("pretrained_cfg_overlay")))
+        if pretrained and not kwargs.get("pretrained_cfg_overlay"):
+            raise AssertionError("would download")
+        return real_create(name, pretrained=pretrained, **kwargs)
+
+    def probe_must_not_run(*args, **kwargs):
+        raise AssertionError("HF_HUB_OFFLINE must not touch the network")
+
+    monkeypatch.setattr(timm, "create_model", create)
+    monkeypatch.setattr(feat, "_cached_hub_weights", lambda name: None)
+    monkeypatch.setattr(feat, "_torch_hub_cached", lambda url: False)
+    # 1. HF_HUB_OFFLINE=1: no attempt at all
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(feat, "_endpoint_reachable", probe_must_not_run)
+    for name in ("dinov2-vitb14", "swav-resnet50"):
+        with pytest.raises(WeightsUnavailableError, match=r"offline mode.*weights=PATH \(CLI: --weights PATH"):
+            get_extractor(name, device="cpu")
+    assert not [c for c in calls if c[1]]
+    # 2. no offline setting: one quick probe, which fails (simulated), and no download attempt
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(feat, "_endpoint_reachable", lambda url, timeout=3.0: (False, "cannot connect (simulated)"))
+    with pytest.raises(WeightsUnavailableError, match="cannot connect \\(simulated\\).*--weights"):
+        get_extractor("inception-v3", input_size=SMALL, device="cpu")
+    assert not [c for c in calls if c[1]]
+    # 3. weights already in the local cache: loaded from it, offline, without any probe
+    source = real_create("inception_v3", pretrained=False)
+    from safetensors.torch import save_file
+
+    cached = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(cached))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(feat, "_endpoint_reachable", probe_must_not_run)
+    monkeypatch.setattr(feat, "_cached_hub_weights", lambda name: str(cached))
+    extractor = get_extractor("inception-v3", input_size=SMALL, device="cpu")
+    assert calls[-1] == ("inception_v3.tf_in1k", True, {"file": str(cached)})
+    reference = get_extractor("inception-v3", weights=cached, input_size=SMALL, device="cpu")
+    x = torch.rand(2, 3, SMALL, SMALL)
+    torch.testing.assert_close(extractor(x), reference(x))
+    assert extractor.identity["weights"] == "timm:inception_v3.tf_in1k"
+
+
+def test_endpoint_probe_is_one_quick_attempt(monkeypatch):
+    import socket
+
+    for key in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        assert feat._endpoint_reachable(f"http://127.0.0.1:{port}", timeout=2.0) == (True, "")
+    finally:
+        server.close()
+    reachable, reason = feat._endpoint_reachable(f"http://127.0.0.1:{port}", timeout=2.0)  # closed now
+    assert not reachable and f"127.0.0.1:{port}" in reason
+    assert feat._endpoint_reachable("https://host.invalid", timeout=2.0)[0] is False

@@ -247,3 +247,49 @@ def test_tensors_give_the_same_fid_kid_vendi(gaussian):
     assert M.fid(*tensors) == M.fid(real, fake.astype(np.float32))
     assert M.kid(*tensors, subsets=3, subset_size=50) == M.kid(real, fake.astype(np.float32), subsets=3, subset_size=50)
     assert M.vendi(tensors[0].to(torch.bfloat16)) == M.vendi(tensors[0].to(torch.bfloat16).float().numpy())
+
+
+def _exact_kid_of_rows(x, y):
+    """Unbiased MMD^2 with (a.b/d + 1)^3 in exact rational arithmetic (independent truth)."""
+    from fractions import Fraction
+
+    d, m = x.shape[1], x.shape[0]
+    xs = [[Fraction(int(v)) for v in row] for row in x]
+    ys = [[Fraction(int(v)) for v in row] for row in y]
+
+    def k(a, b):
+        return (sum(p * q for p, q in zip(a, b)) / d + 1) ** 3
+
+    within = sum(k(a, b) for i, a in enumerate(xs) for j, b in enumerate(xs) if i != j)
+    within += sum(k(a, b) for i, a in enumerate(ys) for j, b in enumerate(ys) if i != j)
+    cross = sum(k(a, b) for a in xs for b in ys)
+    return within / (m * (m - 1)) - 2 * cross / (m * m)
+
+
+def test_kid_fid_vendi_at_any_feature_scale():
+    """Integer features with a large common offset (random-Inception's raw features share one huge
+    direction, norms ~1e8): KID equals the exact rational value, where the direct float64 sum loses
+    it to cancellation; FID is homogeneous of degree 2 and shift-invariant; Vendi is scale-free."""
+    rng = np.random.default_rng(0)
+    small_r, small_f = rng.integers(-8, 9, size=(12, 3)), rng.integers(-8, 9, size=(12, 3))  # one distribution
+    for scale, offset in ((1, 2 ** 40), (2 ** 30, 2 ** 45), (1, 0), (2 ** 20, -(2 ** 30))):
+        real = small_r.astype(np.float64) * scale + offset
+        fake = small_f.astype(np.float64) * scale + offset
+        mean, std = M.kid(real, fake, subsets=1, subset_size=6, seed=5)
+        pick = np.random.default_rng(5)
+        rows_r, rows_f = pick.choice(12, 6, replace=False), pick.choice(12, 6, replace=False)
+        exact = float(_exact_kid_of_rows(small_r[rows_r] * scale + offset, small_f[rows_f] * scale + offset))
+        assert mean == pytest.approx(exact, rel=1e-6) and std == 0.0, (scale, offset)
+        if (scale, offset) == (1, 2 ** 40):
+            x, y, d = real[rows_r], fake[rows_f], 3
+            naive = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+            kxx, kyy, kxy = naive(x, x), naive(y, y), naive(x, y)
+            direct = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / 30 - 2 * kxy.mean()
+            assert abs(direct - exact) > 0.5 * abs(exact)  # the direct sum loses it (here: 0.0)
+    x, y = rng.normal(size=(300, 20)), rng.normal(size=(200, 20)) * 1.2 + 0.3
+    base_fid, base_vendi = M.fid(x, y), M.vendi(x)
+    for scale in (1e-150, 1e-3, 1e8, 1e150):
+        shift = 7.0 * scale
+        assert M.fid(x * scale + shift, y * scale + shift) / scale ** 2 == pytest.approx(base_fid, rel=1e-9)
+        assert M.vendi(x * scale) == pytest.approx(base_vendi, rel=1e-9)
+    assert np.isfinite(M.kid(x * 1e8, y * 1e8, subsets=3)[0])

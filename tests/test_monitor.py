@@ -182,6 +182,9 @@ def test_callable_sampler_value_range_and_generator_kinds(tmp_path, bank):
     # per-sample generators: exactly the images of the equivalent Sampler subclass
     assert torch.equal(r_list.hits, m.evaluate(PoolSampler(HELD, replace=True)).hits)
     assert r_one.samples_used > 0 and r_one.n_learned > 0
+    # wrong declared range ([-1, 1] images declared (0, 1)): an error naming the fix, no result
+    with pytest.raises(Exception, match=r"outside value_range=\(0, 1\).*pass value_range=\(-1, 1\)"):
+        m.evaluate(CallableSampler(fn, (0, 1), per_sample_generators=True))
     with pytest.raises(ValueError, match="value_range"):
         CallableSampler(fn, (1, 0))
     with pytest.raises(ValueError, match="ema"):
@@ -318,4 +321,4 @@ m.close()
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("IRSMonitor step")]
     assert len(lines) == 2 and lines[0].startswith("IRSMonitor step 5: ") and lines[1].startswith("IRSMonitor step 10")
-    assert "k_min" in lines[0] and "real IRS_inf" in lines[0] and "real images" in lines[0]
+    assert "k_min" in lines[0] and "real IRS_inf" in lines[0] and "real queries" in lines[0] and "alpha = " in lines[0]

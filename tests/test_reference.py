@@ -8,8 +8,8 @@ import torch
 
 from irs_callbacks import reference as reference_module
 from irs_callbacks.features import get_extractor
-from irs_callbacks.reference import ReferenceBank, measure_real, split_for_real
-from irs_callbacks.stats import adjusted_irs, irs_infinity
+from irs_callbacks.reference import ReferenceBank, measure_real, split_for_real, subsampled_learned
+from irs_callbacks.stats import adjusted_irs, irs_infinity, ml_diversity
 
 def brute_force_nn(bank, queries, distance="euclidean"):
     """Independent truth: exact nearest neighbour in float64 (lowest index on ties), -1 for NaN rows."""
@@ -179,11 +179,13 @@ def test_duplicates_are_counted_and_scores_match_brute_force(digits):
     idx, _ = brute_force_nn(bank.features, feats)
     assert result.n_samples == 30 and result.n_invalid == 1 and result.n_learned == distinct(idx)
     assert result.irs_alpha == distinct(idx) / 33
-    assert result.irs_inf == irs_infinity(distinct(idx), 30, 33)
-    # real: 16 split queries against a 17-image bank, taken at the samples' alpha: 15 of them
-    assert result.real == bank.real_at(30) and result.real.n_samples == 15 and result.real.n_train == 17
-    assert result.adjusted == pytest.approx(adjusted_irs(result.irs_inf, bank.real_at(30)))
+    assert result.irs_inf == irs_infinity(distinct(idx), 29, 33)  # from the 29 valid samples
+    # real: 16 split queries against a 17-image bank, taken at the valid samples' alpha: 15 of them
+    assert result.real == bank.real_at(29) and result.real.n_samples == 15 and result.real.n_train == 17
+    assert result.alpha_matching == "real-subsampled" and result.synthetic_matched == result.irs_inf
+    assert result.adjusted == pytest.approx(adjusted_irs(result.irs_inf, bank.real_at(29)))
     assert result.as_dict()["irs_inf"]["n_learned"] == distinct(idx)
+    assert result == bank.score_indices(idx)  # search + score_indices
     with pytest.raises(ValueError, match="dimension"):
         bank.score(torch.zeros(3, 5))
 
@@ -211,13 +213,86 @@ def test_real_reference_is_taken_at_the_samples_sampling_rate(digits, tmp_path):
     small = bank.real_at(100)  # alpha = 100/400 -> 50 queries against the 200-image bank
     assert (small.n_samples, small.n_train) == (50, 200)
     assert 0 < small.lower <= small.estimate <= small.upper <= 1
-    assert small == bank.real_at(100)  # seeded: reproducible
-    # every subset estimate is one of the estimates a 50-query subset can give
-    possible = [irs_infinity(k, 50, 200).estimate for k in range(1, 51)]
-    assert min(possible) <= small.estimate <= max(possible)
+    assert small == bank.real_at(100) == bank.real_at(99)  # deterministic, one value per subset size
+    # n_learned and bounds: those of the exact mean N_learned of all 50-query subsets; estimate: the
+    # mean ML estimate over subsets (checked against 3,000 independent random subsets)
+    counts = torch.bincount(nearest).numpy()
+    typical = irs_infinity(round(subsampled_learned(counts, 200, 50)), 50, 200)
+    assert (small.n_learned, small.lower, small.upper) == (typical.n_learned, typical.lower, typical.upper)
+    rng = np.random.default_rng(1234)
+    ks = [len(set(nearest[rng.permutation(200)[:50]].tolist())) for _ in range(3000)]
+    assert abs(np.mean(ks) - subsampled_learned(counts, 200, 50)) < 0.15  # sd of the mean of 3,000: ~0.04
+    mean_estimate = np.mean([ml_diversity(k, 50, 200) / 200 for k in ks])
+    assert small.estimate == pytest.approx(mean_estimate, rel=0.05)  # 32 subsets: within a few percent
     assert bank.real_at(400) == bank.real  # all queries needed: the full measurement
     bank.save(tmp_path / "b.safetensors")
     loaded = ReferenceBank.load(tmp_path / "b.safetensors")
     assert torch.equal(loaded.real_nearest, nearest) and loaded.real_at(100) == small
     with pytest.raises(ValueError, match="n_samples"):
         bank.real_at(0)
+
+
+def test_subsampled_learned_is_the_exact_mean_over_every_subset():
+    """Independent truth: enumerate all C(n, m) subsets of a small list of draws."""
+    import itertools
+
+    draws = [0, 0, 0, 1, 1, 2, 3, -1, 5, 5]  # value -> count; -1 is a draw that retrieved nothing
+    counts = np.bincount([d for d in draws if d >= 0])
+    for m in range(0, len(draws) + 1):
+        subsets = list(itertools.combinations(draws, m))
+        mean = np.mean([len({d for d in sub if d >= 0}) for sub in subsets])
+        assert subsampled_learned(counts, len(draws), m) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="m <= n"):
+        subsampled_learned(counts, 10, 11)
+
+
+def _simulated_retrievals(rng, n, probabilities):
+    return rng.choice(len(probabilities), size=n, p=probabilities)
+
+
+def test_adjusted_scores_compare_real_and_samples_at_one_alpha():
+    """Real data and 'samples' retrieve from the same non-uniform distribution over training images
+    (a few often, many rarely: IRS_inf then grows with alpha, as on real data, paper Table 4), at
+    very different set sizes. Compared at one alpha they score about 1 whatever the sizes; the real
+    value taken at its own alpha (what happens without matching) is far off."""
+    n_train = 4000
+    weights = 1.0 / np.arange(1, 2501) ** 0.8  # 2,500 producible images, Zipf-like
+    p = np.zeros(n_train)
+    p[np.random.default_rng(99).permutation(n_train)[:2500]] = weights / weights.sum()
+    rng = np.random.default_rng(0)
+    features = torch.zeros(n_train, 1)  # the bank's features are not used by score_indices
+    for n_real, n_samples, matching in ((400, 3600, "samples-subsampled"), (3600, 400, "real-subsampled"),
+                                        (1000, 1000, "equal")):
+        adjusted, unmatched = [], []
+        for _ in range(20):
+            real_idx = _simulated_retrievals(rng, n_real, p)
+            real = irs_infinity(len(set(real_idx.tolist())), n_real, n_train)
+            bank = ReferenceBank(features, real=real, real_nearest=torch.from_numpy(real_idx),
+                                 metadata={"duplicate_count": 0})
+            result = bank.score_indices(_simulated_retrievals(rng, n_samples, p))
+            assert result.alpha_matching == matching
+            m = min(n_real, n_samples)
+            assert result.matched_alpha == pytest.approx(m / n_train)
+            assert result.real.n_samples == m and result.synthetic_matched.n_samples == m
+            adjusted.append(result.adjusted)
+            unmatched.append(result.irs_inf.estimate / real.estimate)
+        assert 0.95 < np.mean(adjusted) < 1.05, (n_real, n_samples, np.mean(adjusted))
+        if matching != "equal":
+            assert abs(np.mean(unmatched) - 1) > 0.2  # what comparing at different alphas gives here
+
+
+def test_score_indices_checks_its_input_and_is_cheap_to_repeat(digits):
+    images, _ = digits
+    bank = ReferenceBank.build(images[:400], extractor=pixels(), reference=images[400:500], progress=False)
+    rows = torch.tensor([3, 3, 7, -1, 12, 399])
+    result = bank.score_indices(rows)
+    assert (result.n_samples, result.n_invalid, result.n_learned) == (6, 1, 4)
+    assert result.irs_inf == irs_infinity(4, 5, 400) and result.alpha_matching == "real-subsampled"
+    assert result == bank.score_indices(rows.numpy()) == bank.score_indices(rows.to(torch.int32))
+    for bad, message in ((torch.tensor([[1, 2]]), "1-D integer"), (torch.tensor([0.5]), "1-D integer"),
+                         (torch.tensor([400]), "valid rows are 0..399"), (torch.tensor([-2]), "-1 marks")):
+        with pytest.raises(ValueError, match=message):
+            bank.score_indices(bad)
+    everything_invalid = bank.score_indices(torch.full((5,), -1))
+    assert everything_invalid.irs_inf is None and everything_invalid.adjusted == 0.0
+    assert everything_invalid.n_invalid == 5

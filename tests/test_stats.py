@@ -402,3 +402,13 @@ def test_stats_and_cli_import_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ml_diversity_is_the_estimate_of_irs_infinity():
+    from irs_callbacks.stats import ml_diversity
+
+    for k, n, big_n in ((1, 1, 10), (5, 5, 40), (30, 50, 200), (692, 1277, 7465), (45_000, 50_000, 1_281_166),
+                        (200, 300, 200)):
+        assert ml_diversity(k, n, big_n) == irs_infinity(k, n, big_n).s_hat
+    with pytest.raises(ValueError, match="cannot exceed"):
+        ml_diversity(6, 5, 40)

@@ -83,11 +83,40 @@ def test_logged_images_decode_to_exactly_what_was_logged(tmp_path):
     assert np.array_equal(decoded("irs/curve")[1], CurveRenderer().render(record))
 
 
-def test_margin_layout_names_the_bounds():
+def test_margin_layout_names_the_bounds_and_the_target():
     from irs_callbacks.tracking import MARGIN_LAYOUT
 
-    chart = MARGIN_LAYOUT["IRS"]["Margin"]
-    assert chart == ["Margin", ["irs/estimate", "irs/lower", "irs/upper"]]
+    assert MARGIN_LAYOUT["IRS"]["Margin"] == ["Margin", [["irs/estimate", "irs/lower", "irs/upper"], ["irs/target"] * 3]]
+    assert MARGIN_LAYOUT["IRS"]["Adjusted margin"] == [
+        "Margin", [["irs/adjusted", "irs/adjusted_lower", "irs/adjusted_upper"], ["irs/target_adjusted"] * 3]]
+
+
+def test_margin_charts_carry_the_target_on_their_own_scale(tmp_path):
+    """The layout written to the event file has the target as a second series of each margin chart,
+    and the target scalars are target_s / N_train (IRS_inf scale) and target_irs (adjusted scale)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from irs_callbacks.tracking import TensorBoardLogger
+
+    record = {"step": 7, "verdict": "pass", "rule": "final", "samples_used": 40, "budget": 40, "n_learned": 30,
+              "n_invalid": 0, "n_train": 200, "k_min": 20, "irs_alpha": 0.15, "estimate": 0.5, "lower": 0.4,
+              "upper": 0.6, "adjusted": 0.8, "adjusted_lower": 0.7, "adjusted_upper": 0.9, "target_irs": 0.75,
+              "target_s": 90.0, "real_irs": 0.6, "curve": [[40, 30]]}
+    scalars = scalars_of(record)
+    assert scalars["irs/target"] == pytest.approx(90 / 200) and scalars["irs/target_adjusted"] == 0.75
+    assert "irs/target_adjusted" not in scalars_of({**record, "real_irs": None})  # no adjusted scale
+    logger = TensorBoardLogger.from_log_dir(tmp_path, images=False, figure=False)
+    logger.log(record)
+    logger.writer.close()
+    ea = events(tmp_path)
+    assert ea.Scalars("irs/target")[0].value == pytest.approx(0.45)
+    assert ea.Scalars("irs/target_adjusted")[0].value == pytest.approx(0.75)
+    config = ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(config)
+    charts = {chart.title: [(s.value, s.lower, s.upper) for s in chart.margin.series] for chart in layout.category[0].chart}
+    assert charts == {"Margin": [("irs/estimate", "irs/lower", "irs/upper"), ("irs/target",) * 3],
+                      "Adjusted margin": [("irs/adjusted", "irs/adjusted_lower", "irs/adjusted_upper"),
+                                          ("irs/target_adjusted",) * 3]}
 
 
 def test_accelerate_tracker_is_used_when_present(tmp_path):

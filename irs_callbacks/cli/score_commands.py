@@ -11,7 +11,17 @@ import sys
 import time
 
 METRICS = ("irs", "fid", "kid", "prdc", "vendi")
-VALUE_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
+
+
+def _value_range(text: str) -> tuple[float, float]:
+    """argparse type of --value-range: 'LOW,HIGH', e.g. 0,1 or -1,1 or 0,255."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 0,1 or -1,1, got {text!r}") from None
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"expected LOW < HIGH, got {text!r}")
+    return low, high
 
 
 def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +39,9 @@ def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
                         help="retrieval distance (default: euclidean, or the one of a saved bank)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--value-range", choices=tuple(VALUE_RANGES), default="0,1", metavar="LOW,HIGH",
-                        help="range of float images in .npy/.npz arrays: 0,1 (default) or -1,1 (uint8 is always 0..255)")
+    parser.add_argument("--value-range", type=_value_range, default=(0.0, 1.0), metavar="LOW,HIGH",
+                        help="range of float images in .npy/.npz arrays: 0,1 (default), -1,1, 0,255, ... "
+                             "(uint8 is always 0..255, uint16 0..65535); values outside it are an error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split of TRAIN for IRS_inf,real (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -68,6 +79,11 @@ def register(subparsers) -> None:
     score.add_argument("--metrics", default="irs",
                        help=f"comma-separated metrics among {','.join(METRICS)} (default irs; others need "
                             "irs_callbacks.metrics)")
+    score.add_argument("--target", type=float, default=None, metavar="T",
+                       help="target diversity in (0, 1], relative to real data as everywhere else: print "
+                            "'verdict: pass' or 'verdict: reject' by the rejection threshold k_min (Eq. 10) at the "
+                            "samples' count; the exit status is 0 either way")
+    score.add_argument("--alpha-e", type=float, default=0.05, help="error probability of --target (default 0.05)")
     score.set_defaults(handler=_score)
 
 
@@ -108,31 +124,72 @@ def _make_extractor(args, saved: dict | None = None):
     if str(saved.get("weights", "")).startswith("file:") and args.weights is None:
         raise ValueError(f"the bank was built with local weights {saved['weights'][5:]!r}; pass --weights PATH")
     try:
-        return get_extractor(name, weights=args.weights, device=args.device, **options)
+        return get_extractor(name, weights=_path(args.weights, "--weights"), device=args.device, **options)
     except WeightsUnavailableError as error:
         raise ValueError(str(error)) from None
 
 
-def _check_positive(args) -> None:
+def _path(value, option: str):
+    """A user path with ~ and $VARS expanded (None stays None)."""
+    from irs_callbacks.files import expand_path
+
+    return None if value is None else expand_path(value, option)
+
+
+def _load_bank(path, expect=None):
+    """ReferenceBank.load with a one-line error for a bank that lacks a metadata field."""
+    from irs_callbacks.reference import ReferenceBank
+
+    try:
+        return ReferenceBank.load(path, expect=expect)
+    except KeyError as error:
+        raise ValueError(f"reference bank {str(path)!r} lacks the metadata field {error.args[0]!r} (damaged, or "
+                         "written by another tool): rebuild it with `irs reference build`") from None
+
+
+def _extract(extractor, data, args, value_range):
+    """extract_features, with the command-line spelling of a value-range fix."""
+    from irs_callbacks.features import ValueRangeError, extract_features
+
+    try:
+        return extract_features(extractor, data, batch_size=args.batch_size, value_range=value_range,
+                                progress=not args.no_progress)
+    except ValueRangeError as error:
+        hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
+        raise ValueError(f"{data}: {error}{hint}") from None
+
+
+def _check_common(args) -> None:
+    """Cheap checks before any expensive work: numbers, device, paths."""
+    from irs_callbacks.cli import check_device
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.input_size is not None and args.input_size < 1:
         raise ValueError(f"--input-size must be >= 1, got {args.input_size}")
+    check_device(args.device)
+    args.train = _path(args.train, "TRAIN")
+    args.reference_set = _path(args.reference_set, "--reference-set")
 
 
 def _build(args) -> int:
+    from irs_callbacks.cli import check_output_file
+    from irs_callbacks.features import ValueRangeError
     from irs_callbacks.reference import ReferenceBank
 
-    _check_positive(args)
-    if not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    _check_common(args)
+    out = check_output_file(args.out, "--out", suffixes=(".safetensors",))
     started = time.perf_counter()
     extractor = _make_extractor(args)
-    bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
-                               distance=args.distance or "euclidean", batch_size=args.batch_size,
-                               device=args.device, seed=args.seed, value_range=VALUE_RANGES[args.value_range],
-                               progress=not args.no_progress)
-    path = bank.save(args.out)
+    try:
+        bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
+                                   distance=args.distance or "euclidean", batch_size=args.batch_size,
+                                   device=args.device, seed=args.seed, value_range=args.value_range,
+                                   progress=not args.no_progress)
+    except ValueRangeError as error:
+        hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
+        raise ValueError(f"{error}{hint}") from None
+    path = bank.save(out)
     print(f"saved {path}: {_bank_line(bank)} ({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -160,7 +217,7 @@ def _real_how(how: dict) -> str:
 def _info(args) -> int:
     from irs_callbacks.reference import ReferenceBank
 
-    print(json.dumps(ReferenceBank.read_metadata(args.bank), indent=2))
+    print(json.dumps(ReferenceBank.read_metadata(_path(args.bank, "PATH")), indent=2))
     return 0
 
 
@@ -173,21 +230,25 @@ def _parse_metrics(text: str) -> list[str]:
 
 
 def _score(args) -> int:
-    import os
-
     import torch
 
-    from irs_callbacks.features import extract_features
+    from irs_callbacks.cli import check_output_file
+    from irs_callbacks.features import ValueRangeError
+    from irs_callbacks.image_io import iter_image_batches
     from irs_callbacks.reference import ReferenceBank
 
-    from irs_callbacks.image_io import iter_image_batches
-
-    _check_positive(args)
+    _check_common(args)
+    args.samples = _path(args.samples, "SAMPLES")
     metrics = _parse_metrics(args.metrics)
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ValueError(f"--target must be in (0, 1], got {args.target}")
+    if not 0 < args.alpha_e < 1:
+        raise ValueError(f"--alpha-e must be in (0, 1), got {args.alpha_e}")
+    json_out = check_output_file(args.json, "--json") if args.json not in (None, "-") else None
     iter_image_batches(args.samples)  # fail early on a missing/empty SAMPLES, before the expensive TRAIN
     timings, started = {}, time.perf_counter()
-    value_range = VALUE_RANGES[args.value_range]
-    if args.train.endswith(".safetensors") and os.path.isfile(args.train):
+    value_range = args.value_range
+    if args.train.suffix == ".safetensors" and args.train.is_file():
         if args.reference_set is not None:
             raise ValueError("--reference-set cannot change a saved reference bank; rebuild it with "
                              "`irs reference build TRAIN --reference-set REAL --out PATH`")
@@ -196,22 +257,26 @@ def _score(args) -> int:
         expect = {"extractor": extractor.identity}
         if args.distance is not None:
             expect["distance"] = args.distance
-        bank = ReferenceBank.load(args.train, expect=expect)
+        bank = _load_bank(args.train, expect)
     else:
         extractor = _make_extractor(args)
-        bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
-                                   distance=args.distance or "euclidean", batch_size=args.batch_size,
-                                   device=args.device, cache_dir=args.cache_dir, seed=args.seed,
-                                   value_range=value_range, progress=not args.no_progress)
+        try:
+            bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
+                                       distance=args.distance or "euclidean", batch_size=args.batch_size,
+                                       device=args.device, cache_dir=_path(args.cache_dir, "--cache-dir"),
+                                       seed=args.seed, value_range=value_range, progress=not args.no_progress)
+        except ValueRangeError as error:
+            hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
+            raise ValueError(f"{error}{hint}") from None
     timings["reference_s"] = round(time.perf_counter() - started, 3)
 
     t = time.perf_counter()
-    sample_features = extract_features(extractor, args.samples, batch_size=args.batch_size,
-                                       value_range=value_range, progress=not args.no_progress)
+    sample_features = _extract(extractor, args.samples, args, value_range)
     timings["samples_s"] = round(time.perf_counter() - t, 3)
     if sample_features.shape[1] != bank.dim:
         raise ValueError(f"sample features have dimension {sample_features.shape[1]}, the bank {bank.dim}")
-    result = bank.score(sample_features, device=args.device or extractor.device)
+    result = bank.score(sample_features, device=args.device or extractor.device, alpha_e=args.alpha_e)
+    verdict = _verdict(result, args.target, args.alpha_e) if args.target is not None else None
 
     extra = {}
     others = [m for m in metrics if m != "irs"]
@@ -219,25 +284,39 @@ def _score(args) -> int:
         from irs_callbacks.metrics import compute_metrics
 
         finite = sample_features[torch.isfinite(sample_features).all(dim=1)]
-        if len(finite) < 2:
-            raise ValueError("fewer than 2 valid (finite) samples: cannot compute " + ", ".join(others))
+        if len(finite) < 4:
+            raise ValueError("fewer than 4 valid (finite) samples: cannot compute " + ", ".join(others))
         extra = compute_metrics(bank.features, finite, metrics=tuple(others), k=5)
     timings["total_s"] = round(time.perf_counter() - started, 3)
 
-    _print_score(result, bank, extra, timings)
+    _print_score(result, bank, extra, timings, verdict)
     if args.json:
         payload = {
             **result.as_dict(), "metrics": {k: _plain(v) for k, v in extra.items()}, "extractor": bank.extractor_identity,
-            "distance": bank.distance, "train": args.train, "samples": args.samples,
-            "real_measurement": bank.metadata.get("real_measurement"), "timings": timings,
+            "distance": bank.distance, "train": str(args.train), "samples": str(args.samples),
+            "real_measurement": bank.metadata.get("real_measurement"), "timings": timings, "target": verdict,
         }
         text = json.dumps(payload, indent=2)
-        if args.json == "-":
+        if json_out is None:
             print(text)
         else:
-            with open(args.json, "w") as handle:
-                handle.write(text + "\n")
+            from irs_callbacks.files import write_text_atomic
+
+            write_text_atomic(json_out, text + "\n")
     return 0
+
+
+def _verdict(result, target: float, alpha_e: float) -> dict:
+    """Eq. 10 at the samples' count: reject iff N_learned <= k_min, with the target on the real
+    data's scale (s_d = target * IRS_inf,real * N) when the bank has a real measurement, taken at
+    the alpha the adjusted score uses."""
+    from irs_callbacks.stats import rejection_threshold
+
+    real_irs = result.real.estimate if result.real is not None else None
+    k_min = rejection_threshold(result.n_train, target, result.n_samples, alpha_e, real_irs=real_irs)
+    return {"verdict": "pass" if result.n_learned > k_min else "reject", "target": target, "k_min": int(k_min),
+            "n_samples": result.n_samples, "n_learned": result.n_learned, "alpha_e": alpha_e, "real_irs": real_irs,
+            "scale": "relative to real data" if real_irs is not None else "absolute (no real-data measurement)"}
 
 
 def _plain(value):
@@ -247,7 +326,7 @@ def _plain(value):
         return value if isinstance(value, (str, int, list, dict, type(None))) else str(value)
 
 
-def _print_score(result, bank, extra: dict, timings: dict) -> None:
+def _print_score(result, bank, extra: dict, timings: dict, verdict: dict | None = None) -> None:
     ident = bank.extractor_identity
     print(f"IRS of {result.n_samples} samples against N_train = {result.n_train} training images "
           f"(extractor {ident.get('name')} {_size_text(ident)}, {bank.distance} distance)")
@@ -261,16 +340,23 @@ def _print_score(result, bank, extra: dict, timings: dict) -> None:
     ]
     how = bank.metadata.get("real_measurement") or {}
     if result.real is not None:
-        subset = ""
-        if how.get("n_queries") and result.real.n_samples < how["n_queries"]:
-            subset = f"; at the samples' alpha: {result.real.n_samples} queries, mean of 32 random subsets"
-        rows.append(("IRS_inf,real", f"{result.real}  ({_real_how(how)}{subset})"))
-        rows.append(("IRS_inf,a", f"{result.adjusted:.2%}  (= IRS_inf / IRS_inf,real; may exceed 100%)"))
+        rows.append(("IRS_inf,real", f"{result.real}  ({_real_how(how)}; {result.real.n_samples} queries "
+                                     f"against {result.real.n_train} images)"))
+        if result.alpha_matching == "samples-subsampled":
+            rows.append(("IRS_inf at real alpha", f"{result.synthetic_matched}  ({result.synthetic_matched.n_samples} "
+                                                  "of the samples, exact mean over subsets)"))
+        rows.append(("IRS_inf,a", f"{result.adjusted:.2%}  (= IRS_inf / IRS_inf,real at one alpha; may exceed 100%)"))
+        rows.append(("compared at", result.matching_text))
     else:
         rows.append(("IRS_inf,a", "n/a (no real-data measurement in this bank)"))
     rows.append(("duplicate train features", f"{result.duplicate_count}  (exact duplicates; they cap N_learned)"))
     for key, value in extra.items():
         rows.append((key, f"{value:.6g}" if isinstance(value, (int, float)) else str(value)))
+    if verdict is not None:
+        relation = ">" if verdict["verdict"] == "pass" else "<="
+        rows.append(("verdict", f"{verdict['verdict']}  (N_learned {verdict['n_learned']} {relation} k_min "
+                                f"{verdict['k_min']}: target {verdict['target']:g} {verdict['scale']}, "
+                                f"n = {verdict['n_samples']}, alpha_e = {verdict['alpha_e']:g}, Eq. 10)"))
     rows.append(("time", f"reference {timings['reference_s']:.1f} s, samples {timings['samples_s']:.1f} s, "
                          f"total {timings['total_s']:.1f} s"))
     width = max(len(k) for k, _ in rows)
