@@ -111,11 +111,11 @@ def _schedule(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        header = {key: getattr(args, key) for key in ("n_train", "target", "n_samples", "alpha", "real_irs")}
+        config = {key: getattr(args, key) for key in ("n_train", "target", "n_samples", "alpha", "real_irs")}
         print(
             json.dumps(
                 {
-                    **header,
+                    **config,
                     "batch": batch,
                     "s_d": test.s_d,
                     "interim_alpha": test.interim_alpha,
