@@ -244,6 +244,14 @@ def spending_study() -> None:
         first, _ = exact(test, 0.3 * n_train, looks[:1], 200)
         by_20k, _ = exact(test, 0.6 * n_train, looks[:4], 600)
         print(f"{exponent:>8g} {test.k_final:>8,} {first:>25.3f} {by_20k:>26.3f}")
+    print(f"\nearly-pass spending shape (pass_alpha = {PASS_ALPHA}), ImageNet scale, batches of 5,000, exact:")
+    print(f"{'exponent':>8} {'P(pass by 10,000 | 0.95)':>25} {'by 25,000':>10} {'by 30,000':>10}")
+    for exponent in (1.0, 1.5, 2.0, 3.0):
+        test = SequentialRejectionTest(
+            n_train, TARGET, budget, ALPHA, real_irs=REAL, pass_alpha=PASS_ALPHA, pass_spending_exponent=exponent
+        )
+        passed = [exact(test, 0.95 * n_train, looks[:j], 800)[1] for j in (2, 5, 6)]
+        print(f"{exponent:>8g} {passed[0]:>25.3f} {passed[1]:>10.3f} {passed[2]:>10.3f}")
     print("\ninterim_alpha (linear spending), exact; digits: batches of 100:")
     print(f"{'interim_alpha / alpha_e':>23} {'k_final ImageNet':>16} {'k_final digits':>14} {'P(reject | 0.7) digits':>23}")
     for fraction in (0.0, 0.1, 0.2, 0.4, 0.5):
