@@ -144,7 +144,10 @@ def run_scale(name, n_train, budget, schedules, runs, rng, report):
     plain = {c: paths[c][:, -1] <= test.k_min for c in COVERAGES}
 
     print("samples used per verdict, in % of the budget: median / 90th percentile over the runs with that verdict")
-    print(f"{'early pass':<10} {'schedule':<12} {'coverage':>8} {'rejected':>9} {'early pass':>10} {'to reject':>15} {'to pass':>15}")
+    print(
+        f"{'early pass':<10} {'schedule':<12} {'coverage':>8} {'rejected':>9} {'early pass':>10} "
+        f"{'to reject':>15} {'to pass':>15}"
+    )
     for setting, test in tests.items():
         for sched_name, looks in schedules.items():
             cols = [index[m] for m in looks]
@@ -269,7 +272,8 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); OMP_NUM_THREADS={threads}")
 
     report, checks = {}, []
     imagenet = {

@@ -654,9 +654,12 @@ class SequentialRejectionTest:
         else:
             self.k_final = self.k_min
             self._reject = None
-            self.rejection_error = math.exp(_Occupancy(self.budget).log_cdf(self.k_final, self.s_d)) if self.k_final else 0.0
+            tail = _Occupancy(self.budget).log_cdf(self.k_final, self.s_d) if self.k_final else -math.inf
+            self.rejection_error = math.exp(tail)
         if self.pass_alpha is not None:
-            self._pass, self.pass_error = _pass_boundary(self.s_d, self.budget, self.pass_alpha, self.pass_spending_exponent)
+            self._pass, self.pass_error = _pass_boundary(
+                self.s_d, self.budget, self.pass_alpha, self.pass_spending_exponent
+            )
         else:
             self._pass, self.pass_error = None, 0.0
 
@@ -707,6 +710,7 @@ class SequentialRejectionTest:
 
 
 def _check_exponent(value, name: str) -> float:
+    """A spending exponent: a finite number > 0 (error spent by the fraction t of the budget ~ t**value)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < math.inf:
-        raise ValueError(f"{name} must be a positive number (error spent by fraction t of the budget ~ t**{name}), got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0 (the error spent by t ~ t**{name}), got {value!r}")
     return float(value)

@@ -87,7 +87,9 @@ CONFIGS = [
 
 @pytest.mark.parametrize("n_train,target,real,budget,alpha,interim,pass_alpha", CONFIGS)
 def test_error_bounds_hold_exactly_for_every_schedule(n_train, target, real, budget, alpha, interim, pass_alpha):
-    test = SequentialRejectionTest(n_train, target, budget, alpha, real_irs=real, interim_alpha=interim, pass_alpha=pass_alpha)
+    test = SequentialRejectionTest(
+        n_train, target, budget, alpha, real_irs=real, interim_alpha=interim, pass_alpha=pass_alpha
+    )
     assert test.rejection_error <= alpha and test.pass_error <= pass_alpha
     for name, looks in schedules(budget).items():
         at_target, _ = exact_outcomes(test.decide, test.s_d, looks)
