@@ -99,6 +99,7 @@ class EvaluationSettings:
     batch_size: int = 64
     target_irs: float = 0.8
     alpha_e: float = 0.05
+    pass_alpha: float | None = None  # early pass (SequentialRejectionTest); None: off
     adjust: bool = True  # target relative to real data, and the adjusted score
     seed: int = 0
     fixed_noise: bool = True  # the same noise at every evaluation
@@ -125,6 +126,7 @@ class EvaluationResult:
     n_invalid: int
     n_train: int
     k_min: int
+    k_final: int
     target_irs: float
     alpha_e: float
     estimate: IRSEstimate | None
@@ -161,7 +163,8 @@ class EvaluationResult:
         return EvaluationRecord(
             step=self.step, verdict=self.verdict, rule=self.rule, stopped_early=self.stopped_early,
             budget=self.budget, samples_used=self.samples_used, n_learned=self.n_learned,
-            n_invalid=self.n_invalid, n_train=self.n_train, k_min=self.k_min, target_irs=self.target_irs,
+            n_invalid=self.n_invalid, n_train=self.n_train, k_min=self.k_min, k_final=self.k_final,
+            target_irs=self.target_irs,
             target_s=self.target_s, alpha_e=self.alpha_e, irs_alpha=self.irs_alpha,
             estimate=None if est is None else est.estimate, lower=None if est is None else est.lower,
             upper=None if est is None else est.upper, adjusted=self.adjusted,
@@ -200,10 +203,10 @@ class EvaluationEngine:
         budget = s.budget(bank.n_train)
         real = bank.real_at(budget) if s.adjust else None
         real_irs = real.estimate if real is not None else None
-        key = (bank.n_train, s.target_irs, budget, s.alpha_e, real_irs, s.batch_size)
+        key = (bank.n_train, s.target_irs, budget, s.alpha_e, real_irs, s.pass_alpha)
         if self._test_cache is None or self._test_cache[0] != key:
             self._test_cache = (key, SequentialRejectionTest(bank.n_train, s.target_irs, budget, s.alpha_e,
-                                                             real_irs=real_irs, look_every=s.batch_size))
+                                                             real_irs=real_irs, pass_alpha=s.pass_alpha))
         return self._test_cache[1]
 
     def warm_up(self) -> None:
@@ -300,7 +303,7 @@ class EvaluationEngine:
         t_end = time.perf_counter()
         return EvaluationResult(
             step=step, verdict=decision.verdict, rule=decision.rule, samples_used=n_drawn, budget=budget,
-            n_learned=n_learned, n_invalid=n_invalid, n_train=n_train, k_min=int(test.k_min),
+            n_learned=n_learned, n_invalid=n_invalid, n_train=n_train, k_min=int(test.k_min), k_final=int(test.k_final),
             target_irs=s.target_irs, alpha_e=s.alpha_e, estimate=estimate, adjusted=adjusted, real=real,
             seed=int(seed), target_s=float(test.s_d), matched=matched, matching=matching, curve=curve,
             hits=learned.hits.detach().cpu(), samples=kept,

@@ -120,6 +120,10 @@ class IRSMonitor:
         batch_size: samples per round, all processes together.
         target_irs: target diversity IRS_d, relative to real data (default 0.8).
         alpha_e: probability of wrongly rejecting a model at the target (default 0.05).
+        pass_alpha: allow an early statistical pass with this error probability (a model below the
+            target passes early with at most this probability; default None: off, a pass needs
+            N_learned > k_min, i.e. usually the whole budget). See
+            :class:`~irs_callbacks.stats.SequentialRejectionTest`.
         patience: stop training after this many consecutive rejections (None: never).
         pruner: a :class:`~irs_callbacks.pruning.CheckpointPruner`, or its mode ``"rejected"`` /
             ``"top_k"`` (default None: nothing is ever deleted).
@@ -132,8 +136,8 @@ class IRSMonitor:
 
     def __init__(self, sampler=None, *, reference=None, every_n_steps: int | None = None, start_step: int = 0,
                  num_samples: int | None = None, batch_size: int = 64, target_irs: float = 0.8,
-                 alpha_e: float = 0.05, patience: int | None = None, pruner=None, log_dir=None,
-                 strict: bool = False, options: MonitorOptions | None = None):
+                 alpha_e: float = 0.05, pass_alpha: float | None = None, patience: int | None = None, pruner=None,
+                 log_dir=None, strict: bool = False, options: MonitorOptions | None = None):
         self.options = options if options is not None else MonitorOptions()
         if not isinstance(self.options, MonitorOptions):
             raise TypeError(f"options must be a MonitorOptions, got {type(self.options).__name__}")
@@ -145,6 +149,7 @@ class IRSMonitor:
             num_samples=None if num_samples is None else check_int(num_samples, "num_samples", 1),
             batch_size=check_int(batch_size, "batch_size", 1),
             target_irs=check_fraction(target_irs, "target_irs"), alpha_e=check_probability(alpha_e, "alpha_e"),
+            pass_alpha=None if pass_alpha is None else check_probability(pass_alpha, "pass_alpha"),
             adjust=bool(self.options.adjust), seed=self.options.seed, fixed_noise=bool(self.options.fixed_noise),
             keep_samples=self.options.num_log_images if self.options.log_images else 0)
         self.stopping = EarlyStopping(patience)
@@ -610,10 +615,11 @@ class SetupError(EvaluationError):
 
 def _verdict_line(result: EvaluationResult) -> str:
     """The one line an evaluation logs, every figure labelled."""
-    relation = ">" if result.n_learned > result.k_min else "<="
+    relation = ">" if result.n_learned > result.k_final else "<="
+    eq10 = "" if result.k_final == result.k_min else f" (Eq. 10 k_min {result.k_min})"
     parts = [f"IRSMonitor step {result.step}: {result.verdict.upper()} ({result.rule}) after "
              f"{result.samples_used}/{result.budget} samples",
-             f"N_learned {result.n_learned} {relation} k_min {result.k_min}"]
+             f"N_learned {result.n_learned} {relation} final threshold {result.k_final}{eq10}"]
     if result.estimate is not None:
         parts.append(f"IRS_inf {result.estimate}")
     if result.adjusted is not None:

@@ -321,4 +321,15 @@ m.close()
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("IRSMonitor step")]
     assert len(lines) == 2 and lines[0].startswith("IRSMonitor step 5: ") and lines[1].startswith("IRSMonitor step 10")
-    assert "k_min" in lines[0] and "real IRS_inf" in lines[0] and "real queries" in lines[0] and "alpha = " in lines[0]
+    assert "final threshold" in lines[0] and "real IRS_inf" in lines[0] and "real queries" in lines[0] and "alpha = " in lines[0]
+
+
+def test_early_pass_is_off_by_default_and_labelled_when_on(tmp_path, bank):
+    sampler = PoolSampler(TRAIN, replace=True)  # every training image: far above a target of 0.5
+    off = make_monitor(tmp_path / "off", bank=bank, target_irs=0.5, batch_size=25).evaluate(sampler, step=1)
+    on = make_monitor(tmp_path / "on", bank=bank, target_irs=0.5, batch_size=25, pass_alpha=0.05).evaluate(sampler, step=1)
+    assert (off.verdict, off.rule) == ("pass", "deterministic") and off.n_learned > off.k_final
+    assert (on.verdict, on.rule) == ("pass", "early_pass") and on.samples_used < off.samples_used
+    test = SequentialRejectionTest(bank.n_train, 0.5, 500, real_irs=bank.real_at(500).estimate, pass_alpha=0.05)
+    assert on.n_learned >= test.pass_threshold(on.samples_used)  # the test's own boundary decided
+    assert read_history(tmp_path / "on" / "irs_history.jsonl")[0].rule == "early_pass"
