@@ -65,7 +65,7 @@ TENSOR_CORE_UNIT_ROUNDOFF = TENSOR_CORE_SAFETY * F32_UNIT_ROUNDOFF
 
 def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit: float,
                              accumulation_unit: float = F32_UNIT_ROUNDOFF, floor_q=0.0, floor_b: float = 0.0,
-                             accumulation_floor=0.0, cosine: bool = False):
+                             accumulation_floor=0.0, key_floor=2.0 ** -125, cosine: bool = False):
     """Bound on |screened key - exact key| of a matrix-product screen with rounded inputs.
 
     The screened key of query q and bank row b (both already centred by the same vector, which
@@ -74,6 +74,7 @@ def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit:
 
         V = fl32( fl32(||b||^2) + f * A ),    A = sum_i qh_i bh_i accumulated in float32,
 
+    (in practice in units scaled by a power of two per query row, which changes nothing below)
     where ``qh = q + dq``, ``bh = b + db`` are the operands rounded to the screen type
     (``|dq_i| <= u |q_i| + t_q``, ``|db_i| <= u |b_i| + t_b``: unit round-off ``input_unit`` u,
     absolute floors ``floor_q``/``floor_b`` t for underflow, flush-to-zero and a power-of-two
@@ -91,7 +92,7 @@ def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit:
       for a float32 screen gamma_d also covers the rounded products;
     - the stored ``fl32(||b||^2)`` (computed in float64 from the unrounded centred rows):
       ``(u32 + (d + 4) 2^-52) B``; the final addition ``u32 |V| <= 2.02 u32 (Q + B)`` and an
-      underflowing ``f * A`` 2^-125;
+      underflow in it ``key_floor`` (2^-125 in float32 units, divided by the key's scale);
     - the exact float64 distances the caller compares (``sum (q_i - b_i)^2`` of float64 values,
       within ``gamma_{d+2}(2^-53) * 2 (Q + B)`` of the real value; cosine distances within
       ``(d + 8) 2^-53``): that much more on each side, so that a row whose float64 distance ties
@@ -99,7 +100,7 @@ def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit:
     - ``cosine``: the float64 normalisation of both vectors moves each by at most
       ``(d / 2 + 3) 2^-53`` in norm, which moves the key by at most ``8 (d + 8) 2^-53 (1 + Q + B)``.
 
-    Total: ``tol = (1 + 1e-6) [2 (E_in + E_acc) + (u32 + (d+4) 2^-52) B + 2.02 u32 (Q + B) + 2^-125
+    Total: ``tol = (1 + 1e-6) [2 (E_in + E_acc) + (u32 + (d+4) 2^-52) B + 2.02 u32 (Q + B) + key_floor
     + float64 and cosine terms]``.
 
     Accumulation inside NVIDIA tensor cores is not IEEE-specified: blocks of products are aligned
@@ -119,7 +120,7 @@ def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit:
     e_in = (2 * u + u * u) * s + floors
     e_acc = gamma(d, accumulation_unit) * ((1 + u) ** 2 * s + floors) + d * accumulation_floor
     tol = (2 * (e_in + e_acc) + (F32_UNIT_ROUNDOFF + (d + 4) * 2.0 ** -52) * sqnorm_max
-           + 2.02 * F32_UNIT_ROUNDOFF * (sqnorm_q + sqnorm_max) + 2.0 ** -125)
+           + 2.02 * F32_UNIT_ROUNDOFF * (sqnorm_q + sqnorm_max) + key_floor)
     if cosine:
         tol = tol + 2 * (d + 8) * F64_UNIT_ROUNDOFF + 8 * (d + 8) * F64_UNIT_ROUNDOFF * (1 + sqnorm_q + sqnorm_max)
     else:

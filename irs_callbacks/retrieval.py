@@ -341,7 +341,8 @@ class FeatureBank:
         if self._sqnorm_max > _LARGE:
             raise ValueError(f"features are too large for the float32 screen (squared norm {self._sqnorm_max:.3g} "
                              f"> 2^120); divide them by a common factor (nearest neighbours do not change)")
-        self._sqnorms = sqnorms.to(torch.float32)  # screen keys only; the exact re-rank uses the master
+        # screen keys only (the exact re-rank uses the master), stored scaled like the half rows: s_b^2 ||b||^2
+        self._sqnorms = (sqnorms * 4.0 ** exp_b).to(torch.float32)
         self._mean = mean
         self._bank_scale = 2.0 ** exp_b
         if half:
@@ -490,11 +491,15 @@ class FeatureBank:
         return q.to(self.device)
 
     def _screen_queries(self, q64):
-        """Screen operands of float64 queries: (operands [b, d], factor float32 [b], Q float64 [b],
-        key offset [b], floor_q [b], accumulation floor [b], usable bool [b]).
+        """Screen operands of float64 queries.
 
-        key + offset approximates the squared distance (cosine: between unit vectors);
-        ``factor = -2 / (scale_q scale_b)`` turns the accumulated product into the key term.
+        Returns (operands [b, d], g float32 [b], Q float64 [b], offset [b], key_scale float64 [b],
+        floor_q [b], accumulation floor [b], usable bool [b]). Operands are ``-sigma q`` (sigma a
+        power of two per row: half screens put the largest |value| in [2^14, 2^15), float32 screens
+        use 2), so that ``acc + g ||b||^2_stored`` with ``g = sigma / (2 s_b)`` is the key
+        ``||b||^2 - 2 q.b`` times ``key_scale = sigma s_b / 2``: a positive factor per row, which
+        changes no ranking and keeps float32 keys clear of underflow and overflow at any feature scale.
+        ``key / key_scale + offset`` approximates the squared distance (cosine: of unit vectors).
         """
         x = q64
         offset_extra = None
@@ -507,22 +512,23 @@ class FeatureBank:
         sq = x.square().sum(1)
         offset = sq if offset_extra is None else sq + offset_extra
         if self.screen_dtype == torch.float32:
-            operands = x.to(torch.float32)
-            scale = torch.ones_like(sq)
+            sigma = torch.full_like(sq, 2.0)
+            operands = (x * -2.0).to(torch.float32)
             floor_q = torch.full_like(sq, 2 * F32_TINY)
         else:
             _, ex = torch.frexp(x.abs().amax(1))
-            scale = torch.ldexp(torch.ones_like(sq), (_SCALE_TOP - ex).to(torch.float64))
-            operands = (x * scale[:, None]).to(self.screen_dtype)
+            sigma = torch.ldexp(torch.ones_like(sq), (_SCALE_TOP - 1 - ex).to(torch.float64)) * 2  # |max| -> [2^14, 2^15)
+            operands = (x * -sigma[:, None]).to(self.screen_dtype)
             if not self._mm_native:
                 operands = operands.to(torch.float32)  # exact: the product runs in float32
-            floor_q = 2 * _HALF_UNITS[self.screen_dtype][1] / scale
-        factor64 = -2.0 / (scale * self._bank_scale)
-        factor = factor64.to(torch.float32)
-        acc_floor = F32_TINY / (scale * self._bank_scale)
-        usable = (torch.isfinite(factor) & (factor != 0) & (factor.double() == factor64)
-                  & (sq < _LARGE) & torch.isfinite(operands.sum(1, dtype=torch.float64)))
-        return operands, factor, sq, offset, floor_q, acc_floor, usable
+            floor_q = 2 * _HALF_UNITS[self.screen_dtype][1] / sigma
+        g64 = sigma / (2 * self._bank_scale)
+        g = g64.to(torch.float32)
+        key_scale = sigma * self._bank_scale / 2
+        acc_floor = F32_TINY / (sigma * self._bank_scale)
+        usable = (torch.isfinite(g) & (g != 0) & (g.double() == g64) & torch.isfinite(key_scale) & (sq < _LARGE)
+                  & torch.isfinite(operands.sum(1, dtype=torch.float64)))
+        return operands, g, sq, offset, key_scale, floor_q, acc_floor, usable
 
     def _units(self, faiss: bool = False) -> tuple[float, float]:
         """(input unit round-off, accumulation unit round-off) of this bank's screen products."""
@@ -537,15 +543,16 @@ class FeatureBank:
             u_in, tensor_cores = max(u_in, TF32_UNIT_ROUNDOFF), True
         return u_in + _U64_PRE, (TENSOR_CORE_UNIT_ROUNDOFF if tensor_cores else _U32)
 
-    def _tolerance(self, sq, floor_q, acc_floor, faiss: bool = False) -> torch.Tensor:
-        """Rigorous bound on |screened key - exact key| per query (float64 [b])."""
+    def _tolerance(self, sq, key_scale, floor_q, acc_floor, faiss: bool = False) -> torch.Tensor:
+        """Rigorous bound on |screened key - exact key| per query, in the screened keys' scaled
+        units (float64 [b]; unscaled for faiss)."""
         u_in, u_acc = self._units(faiss)
         tol = product_screen_tolerance(sq, self._sqnorm_max, self.dim, input_unit=u_in, accumulation_unit=u_acc,
                                        floor_q=floor_q, floor_b=self._floor_b, accumulation_floor=acc_floor,
-                                       cosine=self.distance == "cosine")
-        if faiss:  # faiss computes both squared norms and the sums in float32 too
-            tol = tol + (gamma(self.dim, u_acc) + 6 * _U32) * (sq + self._sqnorm_max) * 2
-        return tol
+                                       key_floor=2.0 ** -125 / key_scale, cosine=self.distance == "cosine")
+        if faiss:  # faiss computes both squared norms and the sums in float32 too; its keys are unscaled
+            return tol + (gamma(self.dim, u_acc) + 6 * _U32) * (sq + self._sqnorm_max) * 2
+        return tol * key_scale
 
     # ------------------------------------------------------------------ screening
     def _product(self, operands, start, stop):
@@ -556,12 +563,12 @@ class FeatureBank:
             chunk = chunk.to(torch.float32)  # exact
         return operands @ chunk.T
 
-    def _key_chunks(self, operands, factor, sqnorms, self_rows=None):
-        """Yield (start, end, keys) with keys[i, j] = screened ||b_j||^2 - 2 q_i.b_j (float32)."""
+    def _key_chunks(self, operands, g, sqnorms, self_rows=None):
+        """Yield (start, end, keys): keys[i, j] = screened ||b_j||^2 - 2 q_i.b_j times key_scale[i] (float32)."""
         for s in range(0, self.n_train, self.chunk_size):
             e = min(s + self.chunk_size, self.n_train)
             acc = self._product(operands, s, e)
-            keys = torch.addcmul(sqnorms[s:e], acc, factor[:, None], out=acc)
+            keys = torch.addcmul(acc, g[:, None], sqnorms[None, s:e], out=acc)
             if self_rows is not None:
                 inside = (self_rows >= s) & (self_rows < e)
                 if bool(inside.any()):
@@ -569,9 +576,9 @@ class FeatureBank:
                     keys[r, self_rows[r] - s] = math.inf
             yield s, e, keys
 
-    def _screen_torch(self, operands, factor, sqnorms, c, self_rows):
+    def _screen_torch(self, operands, g, sqnorms, c, self_rows):
         best_v = best_i = None
-        for s, e, keys in self._key_chunks(operands, factor, sqnorms, self_rows):
+        for s, e, keys in self._key_chunks(operands, g, sqnorms, self_rows):
             v, i = keys.topk(min(c, e - s), dim=1, largest=False, sorted=False)
             i = i + s
             if best_v is not None:
@@ -661,7 +668,7 @@ class FeatureBank:
         b = q64.shape[0]
         keys = torch.full((b, k), math.inf, dtype=torch.float64, device=self.device)
         idx = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        operands, factor, sq, offset, floor_q, acc_floor, usable = self._screen_queries(q64)
+        operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(q64)
         if self.distance == "cosine":
             zero = q64.abs().amax(1) == 0
             if bool(zero.any()):
@@ -671,12 +678,12 @@ class FeatureBank:
         n_eff = n_allowed - (1 if self_rows is not None else 0)
         c = min(n_eff, k + self.candidates)
         use_faiss = self.backend == "faiss" and mask is None
-        tol_torch = self._tolerance(sq, floor_q, acc_floor)
-        if use_faiss:
+        tol_torch = self._tolerance(sq, key_scale, floor_q, acc_floor)
+        if use_faiss:  # (float32 screens only: key_scale = 1, faiss and torch keys share units)
             v, cand = self._screen_faiss(q64, c, self_rows)
-            tol = self._tolerance(sq, floor_q, acc_floor, faiss=True)
+            tol = self._tolerance(sq, key_scale, floor_q, acc_floor, faiss=True)
         else:
-            v, cand = self._screen_torch(operands, factor, sqnorms, c, self_rows)
+            v, cand = self._screen_torch(operands, g, sqnorms, c, self_rows)
             tol = tol_torch
         thr = v[:, k - 1] + 2 * tol  # every row that can still be among the k nearest has key <= thr
         usable &= torch.isfinite(thr)
@@ -693,7 +700,7 @@ class FeatureBank:
             rescan = _round_up_f32(v[bad, k - 1] + tol[bad] + tol_torch[bad])
             sub_self = self_rows[bad] if self_rows is not None else None
             rr, cc = [], []
-            for s, e, kk in self._key_chunks(operands[bad], factor[bad], sqnorms, sub_self):
+            for s, e, kk in self._key_chunks(operands[bad], g[bad], sqnorms, sub_self):
                 r, col = (kk <= rescan[:, None]).nonzero(as_tuple=True)
                 rr.append(r)
                 cc.append(col + s)
@@ -784,15 +791,18 @@ class FeatureBank:
             raise ValueError("queries must be finite for distance_blocks")
         for s in range(0, q.shape[0], self.block_size):
             q64 = q[s:s + self.block_size].to(torch.float64)
-            operands, factor, sq, offset, floor_q, acc_floor, usable = self._screen_queries(q64)
-            if not bool(usable.all()):
-                raise ValueError("queries are too large for the float32 screen (squared norm > 2^120)")
-            tol = self._tolerance(sq, floor_q, acc_floor) + 8 * _U32 * (offset + self._sqnorm_max)
+            operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(q64)
+            unscale = (1 / key_scale).to(torch.float32)
+            if not bool(usable.all()) or not bool((unscale.double() * key_scale == 1).all()):
+                raise ValueError("queries or features are out of the float32 screen's range (squared norms beyond "
+                                 "2^120, or scales 2^127 apart); rescale both by a common factor")
+            tol = self._tolerance(sq, key_scale, floor_q, acc_floor) / key_scale + 8 * _U32 * (offset + self._sqnorm_max)
             if self.distance == "cosine":
                 tol = tol + 4 * _U32 * (offset + 1)
-            off32 = offset.to(torch.float32)[:, None]
-            for b0, b1, keys in self._key_chunks(operands, factor, self._sqnorms):
-                yield s, s + q64.shape[0], b0, b1, keys.add_(off32), _round_up_f32(tol)
+            off32, unscale = offset.to(torch.float32)[:, None], unscale[:, None]
+            for b0, b1, keys in self._key_chunks(operands, g, self._sqnorms):
+                approx = torch.addcmul(off32, keys, unscale, out=keys)  # keys / key_scale exact (a power of two)
+                yield s, s + q64.shape[0], b0, b1, approx, _round_up_f32(tol)
 
 
 # ---------------------------------------------------------------------------------------- sharded
