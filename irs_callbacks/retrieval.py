@@ -814,6 +814,14 @@ def shard_range(n_train: int, world_size: int, rank: int) -> tuple[int, int]:
     return n_train * rank // world_size, n_train * (rank + 1) // world_size
 
 
+def _require_process_group() -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("ShardedFeatureBank needs an initialised torch.distributed process group "
+                           "(accelerate launch / torchrun with Accelerator(), or init_process_group)")
+
+
 class ShardedFeatureBank:
     """A bank split over the processes of a ``torch.distributed`` run (Accelerate initialises it).
 
@@ -838,9 +846,7 @@ class ShardedFeatureBank:
     def __init__(self, shard, *, n_train: int, distance: str = "euclidean", device=None, group=None, **options):
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ShardedFeatureBank needs an initialised torch.distributed process group "
-                               "(accelerate launch / torchrun + Accelerator() or init_process_group)")
+        _require_process_group()
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -867,6 +873,7 @@ class ShardedFeatureBank:
         """Keep this rank's slice of the full ``[N, d]`` features (a view: no copy of the rest)."""
         import torch.distributed as dist
 
+        _require_process_group()
         x = as_feature_tensor(features, "features")
         group = options.get("group")
         start, stop = shard_range(x.shape[0], dist.get_world_size(group), dist.get_rank(group))
