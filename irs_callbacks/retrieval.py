@@ -160,12 +160,14 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_hashes(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Two int64 hashes [m, 2] of the bit patterns of float32 rows (-0.0 and +0.0 hash alike)."""
-    bits = (rows + 0).view(torch.int32).to(torch.int64)
-    out = torch.empty(rows.shape[0], 2, dtype=torch.int64, device=rows.device)
-    out[:, 0] = (bits * weights[0]).sum(1)  # wraps modulo 2^64
-    out[:, 1] = ((bits ^ 0x5BD1E995) * weights[1]).sum(1)
-    return out
+    """Four exact hashes ``[m, 4]`` (float64 integers) of the bit patterns of float32 rows.
+
+    Each 32-bit pattern is read as two signed 16-bit halves; a float64 matrix product with integer
+    weights below ``2^(36 - log2 2d)`` sums products below 2^52, so it is exact in any summation
+    order (identical rows hash identically on any device) and runs at BLAS speed. -0.0 and +0.0
+    hash alike.
+    """
+    return (rows + 0).view(torch.int16).to(torch.float64) @ weights
 
 
 def _select(rows, cols, keys, n_rows: int, k: int):
@@ -306,7 +308,7 @@ class FeatureBank:
         sqnorms = torch.empty(n, dtype=torch.float64, device=dev)
         hashing = dev.type == "cuda"
         if hashing:
-            self._hashes = torch.empty(n, 2, dtype=torch.int64, device=dev)
+            self._hashes = torch.empty(n, 4, dtype=torch.float64, device=dev)
             weights = self._hash_weights()
         step = max(1, _PREP_ELEMENTS // d)
         for s in range(0, n, step):
@@ -395,8 +397,12 @@ class FeatureBank:
 
     # ------------------------------------------------------------------ duplicates
     def _hash_weights(self) -> torch.Tensor:
+        bits = 36 - math.ceil(math.log2(2 * self.dim))  # keeps every partial sum below 2^52
+        if bits < 8:
+            raise ValueError(f"duplicate counting supports d <= 2^27 (got d = {self.dim})")
         gen = torch.Generator(device="cpu").manual_seed(0)
-        return (torch.randint(1, 2 ** 62, (2, self.dim), generator=gen, dtype=torch.int64) | 1).to(self.device)
+        weights = torch.randint(1, 2 ** bits, (2 * self.dim, 4), generator=gen, dtype=torch.int64)
+        return weights.to(self.device, torch.float64)
 
     def _hash_rows(self, start: int, stop: int) -> torch.Tensor:
         rows = self._rows_to_device(start, stop)
@@ -411,8 +417,8 @@ class FeatureBank:
 
         For cosine banks rows are compared after normalisation (rounded to float32; positive
         multiples usually coincide, exactly so when the factor is a power of two). Computed on
-        first access (during construction on CUDA): int64 hashes of the bit patterns on
-        ``device``, the colliding rows then compared exactly.
+        first access (during construction on CUDA): exact integer hashes of the bit patterns (a
+        float64 matrix product) on ``device``, the colliding rows then compared exactly.
         """
         if self._duplicate_count is None:
             self._duplicate_count = self._count_duplicates()
@@ -421,7 +427,7 @@ class FeatureBank:
     def _count_duplicates(self) -> int:
         if self._hashes is None:
             weights = self._hash_weights()
-            self._hashes = torch.empty(self.n_train, 2, dtype=torch.int64, device=self.device)
+            self._hashes = torch.empty(self.n_train, 4, dtype=torch.float64, device=self.device)
             step = max(1, _PREP_ELEMENTS // self.dim)
             for s in range(0, self.n_train, step):
                 self._hashes[s:s + step] = _row_hashes(self._hash_rows(s, s + step), weights)

@@ -94,6 +94,8 @@ def test_duplicate_count_and_cosine_zero_rows():
     bank[11] = bank[0]
     bank[20] = bank[1]
     assert FeatureBank(bank).duplicate_count == 3
+    signed = torch.cat([bank, torch.zeros(1, 8), -torch.zeros(1, 8)])  # -0.0 == +0.0
+    assert FeatureBank(signed, screen_dtype="float16").duplicate_count == 4
     scaled = bank.clone()
     scaled[30] = 2.0 * scaled[2]  # same direction: a duplicate only under cosine
     assert FeatureBank(scaled).duplicate_count == 3
