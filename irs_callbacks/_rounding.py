@@ -65,7 +65,8 @@ TENSOR_CORE_UNIT_ROUNDOFF = TENSOR_CORE_SAFETY * F32_UNIT_ROUNDOFF
 
 def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit: float,
                              accumulation_unit: float = F32_UNIT_ROUNDOFF, floor_q=0.0, floor_b: float = 0.0,
-                             accumulation_floor=0.0, key_floor=2.0 ** -125, cosine: bool = False):
+                             accumulation_floor=0.0, key_floor=2.0 ** -125, output_unit: float = 0.0,
+                             norm_unit: float = F32_UNIT_ROUNDOFF, cosine: bool = False):
     """Bound on |screened key - exact key| of a matrix-product screen with rounded inputs.
 
     The screened key of query q and bank row b (both already centred by the same vector, which
@@ -90,8 +91,11 @@ def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit:
       underflow per operation, in the same units), with
       ``sum |qh_i bh_i| <= (1 + u)^2 S + (1 + u)(t_q ||b||_1 + t_b ||q||_1) + d t_q t_b``;
       for a float32 screen gamma_d also covers the rounded products;
+    - ``output_unit`` u_out: a product whose result is rounded to a narrow type (bfloat16 matrix
+      products on CPUs return bfloat16) errs by ``u_out |A| <= u_out sum |qh_i bh_i|`` more;
     - the stored ``fl32(||b||^2)`` (computed in float64 from the unrounded centred rows):
-      ``(u32 + (d + 4) 2^-52) B``; the final addition ``u32 |V| <= 2.02 u32 (Q + B)`` and an
+      ``(norm_unit + (d + 4) 2^-52) B`` with ``norm_unit`` = u32 (3 u32 when the rows were centred
+      in float32, which moves each by at most u32 relative); the final addition ``u32 |V| <= 2.02 u32 (Q + B)`` and an
       underflow in it ``key_floor`` (2^-125 in float32 units, divided by the key's scale);
     - the exact float64 distances the caller compares (``sum (q_i - b_i)^2`` of float64 values,
       within ``gamma_{d+2}(2^-53) * 2 (Q + B)`` of the real value; cosine distances within
@@ -118,8 +122,9 @@ def product_screen_tolerance(sqnorm_q, sqnorm_max: float, d: int, *, input_unit:
     s = (sqnorm_q + sqnorm_max) / 2
     floors = (1 + u) * d ** 0.5 * (floor_q * sqrt_b + t_b * sqrt_q) + d * floor_q * t_b
     e_in = (2 * u + u * u) * s + floors
-    e_acc = gamma(d, accumulation_unit) * ((1 + u) ** 2 * s + floors) + d * accumulation_floor
-    tol = (2 * (e_in + e_acc) + (F32_UNIT_ROUNDOFF + (d + 4) * 2.0 ** -52) * sqnorm_max
+    products = (1 + u) ** 2 * s + floors  # >= sum |qh_i bh_i|
+    e_acc = (gamma(d, accumulation_unit) * (1 + output_unit) + output_unit) * products + d * accumulation_floor
+    tol = (2 * (e_in + e_acc) + (norm_unit + (d + 4) * 2.0 ** -52) * sqnorm_max
            + 2.02 * F32_UNIT_ROUNDOFF * (sqnorm_q + sqnorm_max) + key_floor)
     if cosine:
         tol = tol + 2 * (d + 8) * F64_UNIT_ROUNDOFF + 8 * (d + 8) * F64_UNIT_ROUNDOFF * (1 + sqnorm_q + sqnorm_max)

@@ -70,6 +70,7 @@ BACKENDS = ("auto", "torch", "faiss")
 SCREEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _U32 = F32_UNIT_ROUNDOFF
 _U64_PRE = 2.0 ** -52  # float64 centring/normalisation before a rounding to the screen type
+_U32_PRE = 2.0 ** -23  # float32 centring (Euclidean half screens) before a rounding to the screen type
 _HALF_UNITS = {torch.float16: (F16_UNIT_ROUNDOFF, F16_TINY), torch.bfloat16: (BF16_UNIT_ROUNDOFF, BF16_TINY)}
 #: default screened candidates beyond k (wider error bands for the half types)
 _EXTRA_CANDIDATES = {torch.float32: 15, torch.float16: 31, torch.bfloat16: 63}
@@ -112,14 +113,35 @@ def as_feature_tensor(x, name: str) -> torch.Tensor:
 
 
 def resolve_screen_dtype(screen_dtype, device) -> torch.dtype:
-    """The screen dtype for ``screen_dtype`` (None: float16 on CUDA, float32 elsewhere)."""
+    """The screen dtype for ``screen_dtype``. None: float16 on CUDA; on the CPU bfloat16 where
+    the CPU has native bfloat16 matrix products (:func:`cpu_has_bf16_matmul`), else float32."""
     if screen_dtype is None:
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if (torch.device(device).type == "cpu" and cpu_has_bf16_matmul()) else torch.float32
     dtype = SCREEN_DTYPES.get(screen_dtype, screen_dtype) if isinstance(screen_dtype, str) else screen_dtype
     if dtype not in SCREEN_DTYPES.values():
         raise ValueError(f"screen_dtype must be one of {', '.join(SCREEN_DTYPES)} (or the torch dtype), "
                          f"got {screen_dtype!r}")
     return dtype
+
+
+_CPU_BF16 = None
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True when this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16, read
+    from /proc/cpuinfo): there torch's bfloat16 ``mm`` (oneDNN, float32 accumulation) ran 4.7x
+    faster than float32 on the development machine; elsewhere it is emulated and slow."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                flags = set(" ".join(line for line in handle if line.startswith("flags")).split())
+        except OSError:
+            flags = set()
+        _CPU_BF16 = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    return _CPU_BF16
 
 
 def _float32_matmul_unit(device: torch.device) -> float:
@@ -159,15 +181,29 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return ok
 
 
+_HASH_COLUMNS = 128  # duplicate candidates are rows equal on these columns; then compared in full
+
+
 def _row_hashes(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Four exact hashes ``[m, 4]`` (float64 integers) of the bit patterns of float32 rows.
+    """Four exact hashes ``[m, 4]`` (float64 integers) of the bit patterns of float32 rows, on a
+    fixed subset of at most 128 columns (rows equal in full are equal there; the candidates are
+    compared in full afterwards).
 
     Each 32-bit pattern is read as two signed 16-bit halves; a float64 matrix product with integer
-    weights below ``2^(36 - log2 2d)`` sums products below 2^52, so it is exact in any summation
-    order (identical rows hash identically on any device) and runs at BLAS speed. -0.0 and +0.0
-    hash alike.
+    weights below ``2^(36 - log2 2c)`` (c columns) sums products below 2^52, so it is exact in any
+    summation order (identical rows hash identically on any device) and runs at BLAS speed.
+    -0.0 and +0.0 hash alike.
     """
-    return (rows + 0).view(torch.int16).to(torch.float64) @ weights
+    columns = _hash_columns(rows.shape[1], rows.device)
+    part = rows if columns is None else rows[:, columns]
+    return (part + 0).view(torch.int16).to(torch.float64) @ weights
+
+
+def _hash_columns(d: int, device) -> torch.Tensor | None:
+    if d <= _HASH_COLUMNS:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    return torch.randperm(d, generator=gen)[:_HASH_COLUMNS].sort().values.to(device)
 
 
 def _select(rows, cols, keys, n_rows: int, k: int):
@@ -226,6 +262,8 @@ class FeatureBank:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.distance = distance
+        if screen_dtype is None and backend == "faiss":
+            screen_dtype = torch.float32  # faiss' flat indexes compute in float32
         self.screen_dtype = resolve_screen_dtype(screen_dtype, self.device)
         half = self.screen_dtype != torch.float32
         if master_device is None:
@@ -248,7 +286,16 @@ class FeatureBank:
         if not master.is_contiguous():
             master = master.contiguous()
         self.features = master  #: float32 master values ``[N, d]`` on ``master_device``
-        self._mm_native = half and cuda and self._probe_half_mm()
+        # how the half screen multiplies: "cuda" (tensor cores, float32 out), "cpu-bf16" (oneDNN,
+        # bfloat16 out), or "emulated" (exact half values in a float32 product)
+        self._mm = "float32"
+        if half:
+            if cuda and self._probe_half_mm():
+                self._mm = "cuda"
+            elif (self.device.type == "cpu" and self.screen_dtype == torch.bfloat16 and cpu_has_bf16_matmul()):
+                self._mm = "cpu-bf16"
+            else:
+                self._mm = "emulated"
         self._pinned = None  # staging buffer for gathers from a host master
         self._hashes = None
         self._duplicate_count = None
@@ -302,6 +349,8 @@ class FeatureBank:
             if cosine:
                 sample = sample / sample.norm(dim=1, keepdim=True).clamp_min(1e-300)
             mean = sample.mean(0) if sample.shape[0] else torch.zeros(d, dtype=torch.float64, device=dev)
+            if not cosine:  # any centring vector leaves distances unchanged: a float32 one centres in float32
+                mean = mean.to(torch.float32)
             top = float((sample - mean).abs().max()) if sample.shape[0] else 0.0
             exp_b = _SCALE_TOP - _BANK_HEADROOM - _exponent(top)
         screen = self.features if share else torch.empty(n, d, dtype=self.screen_dtype, device=dev)
@@ -314,9 +363,21 @@ class FeatureBank:
         for s in range(0, n, step):
             e = min(s + step, n)
             rows32 = self._rows_to_device(s, e)
-            x = rows32.to(torch.float64)
-            if not bool(finite_rows(x).all()):
+            if not bool(finite_rows(rows32).all()):
                 self._raise_non_finite()
+            if share:  # the screen is the master: only the float64 squared norms (|x| < 2^128: no overflow)
+                if hashing:
+                    self._hashes[s:e] = _row_hashes(rows32, weights)
+                sqnorms[s:e] = torch.linalg.vector_norm(rows32, dim=1, dtype=torch.float64).square()
+                continue
+            if half and not cosine:  # centred in float32 (one rounding, in the bound), norms in float64
+                if hashing:
+                    self._hashes[s:e] = _row_hashes(rows32, weights)
+                x = rows32 - mean
+                sqnorms[s:e] = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+                exp_b = self._store_half(screen, s, e, x, exp_b)
+                continue
+            x = rows32.to(torch.float64)
             if cosine:
                 norms = x.norm(dim=1, keepdim=True)
                 x = x / norms.clamp_min(1e-300)
@@ -329,13 +390,7 @@ class FeatureBank:
                 sq = torch.where(norms[:, 0] == 0, sq + 1, sq)
             sqnorms[s:e] = sq
             if half:
-                top = float(x.abs().max())
-                if top * 2.0 ** exp_b >= 2.0 ** _SCALE_TOP:  # the sample under-estimated: rescale stored rows
-                    new = _SCALE_TOP - _exponent(top)
-                    if s:
-                        screen[:s].mul_(2.0 ** (new - exp_b))  # exact but for subnormals (in the floor term)
-                    exp_b = new
-                screen[s:e] = (x * 2.0 ** exp_b).to(self.screen_dtype)
+                exp_b = self._store_half(screen, s, e, x, exp_b)
             elif not share:
                 screen[s:e] = x.to(torch.float32)
         self._screen = screen
@@ -352,6 +407,17 @@ class FeatureBank:
             self._floor_b = 2 * tiny / self._bank_scale  # rounding floor, flush-to-zero and rescaling included
         else:
             self._floor_b = 2 * F32_TINY
+
+    def _store_half(self, screen, start, stop, x, exp_b) -> int:
+        """Store centred rows ``x`` x 2^exp_b in the half screen; returns the (possibly lowered) exponent."""
+        top = float(torch.linalg.vector_norm(x, ord=math.inf))  # max |x|, no temporary
+        if top * 2.0 ** exp_b >= 2.0 ** _SCALE_TOP:  # the row sample under-estimated: rescale stored rows
+            new = _SCALE_TOP - _exponent(top)
+            if start:
+                screen[:start].mul_(2.0 ** (new - exp_b))  # exact but for subnormals (in the floor term)
+            exp_b = new
+        screen[start:stop] = (x * 2.0 ** exp_b).to(self.screen_dtype)
+        return exp_b
 
     def _raise_non_finite(self):
         bad = []
@@ -397,11 +463,10 @@ class FeatureBank:
 
     # ------------------------------------------------------------------ duplicates
     def _hash_weights(self) -> torch.Tensor:
-        bits = 36 - math.ceil(math.log2(2 * self.dim))  # keeps every partial sum below 2^52
-        if bits < 8:
-            raise ValueError(f"duplicate counting supports d <= 2^27 (got d = {self.dim})")
+        columns = min(self.dim, _HASH_COLUMNS)
+        bits = 36 - math.ceil(math.log2(2 * columns))  # keeps every partial sum below 2^52
         gen = torch.Generator(device="cpu").manual_seed(0)
-        weights = torch.randint(1, 2 ** bits, (2 * self.dim, 4), generator=gen, dtype=torch.int64)
+        weights = torch.randint(1, 2 ** bits, (2 * columns, 4), generator=gen, dtype=torch.int64)
         return weights.to(self.device, torch.float64)
 
     def _hash_rows(self, start: int, stop: int) -> torch.Tensor:
@@ -463,8 +528,8 @@ class FeatureBank:
             rows = self.features[unique].to(self.device)
         return rows, inverse.to(self.device)
 
-    def _exact_pairs(self, q64, qrow, cols) -> torch.Tensor:
-        """Exact float64 keys (squared Euclidean, or cosine distance) of q64[qrow] to master rows cols."""
+    def _exact_pairs(self, queries, qrow, cols) -> torch.Tensor:
+        """Exact float64 keys (squared Euclidean, or cosine distance) of queries[qrow] to master rows cols."""
         out = torch.empty(qrow.numel(), dtype=torch.float64, device=self.device)
         if qrow.numel() == 0:
             return out
@@ -472,9 +537,9 @@ class FeatureBank:
         step = max(1, 2 ** 21 // self.dim)
         for s in range(0, qrow.numel(), step):
             b = rows32[where[s:s + step]].to(torch.float64)
-            q = q64[qrow[s:s + step]]
+            q = queries[qrow[s:s + step]].to(torch.float64)
             if self.distance == "euclidean":
-                out[s:s + step] = (b - q).square().sum(1)
+                out[s:s + step] = b.sub_(q).square_().sum(1)
             else:
                 den = b.norm(dim=1) * q.norm(dim=1)
                 cos = torch.where(den > 0, (b * q).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
@@ -496,7 +561,7 @@ class FeatureBank:
             raise ValueError(f"{name} have dimension {q.shape[1]} but the bank has dimension {self.dim}")
         return q.to(self.device)
 
-    def _screen_queries(self, q64):
+    def _screen_queries(self, qb):
         """Screen operands of float64 queries.
 
         Returns (operands [b, d], g float32 [b], Q float64 [b], offset [b], key_scale float64 [b],
@@ -507,7 +572,22 @@ class FeatureBank:
         changes no ranking and keeps float32 keys clear of underflow and overflow at any feature scale.
         ``key / key_scale + offset`` approximates the squared distance (cosine: of unit vectors).
         """
-        x = q64
+        if self.screen_dtype == torch.float32 and self._mean is None and self.distance == "euclidean":
+            sq = torch.linalg.vector_norm(qb, dim=1, dtype=torch.float64).square()  # float64, one pass
+            operands = qb.to(torch.float32) * -2.0  # float32 inputs: exact; float64: one rounding
+            return self._finish_queries(operands, sq, sq, torch.full_like(sq, 2.0), torch.full_like(sq, 2 * F32_TINY))
+        if self._mean is not None and self._mean.dtype == torch.float32 and qb.dtype != torch.float64:
+            x = qb.to(torch.float32) - self._mean  # Euclidean half screen: centred in float32
+            _, ex = torch.frexp(torch.linalg.vector_norm(x, ord=math.inf, dim=1))
+            if bool((ex > -100).all()):  # (else the float64 path below)
+                sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+                sigma = torch.ldexp(torch.ones_like(x[:, 0]), (_SCALE_TOP - ex).to(torch.float32))  # exact
+                operands = (x * -sigma[:, None]).to(self.screen_dtype)  # |max| in [2^14, 2^15)
+                if self._mm == "emulated":
+                    operands = operands.to(torch.float32)
+                sigma = sigma.to(torch.float64)
+                return self._finish_queries(operands, sq, sq, sigma, 2 * _HALF_UNITS[self.screen_dtype][1] / sigma)
+        x = qb.to(torch.float64)
         offset_extra = None
         if self.distance == "cosine":
             norms = x.norm(dim=1, keepdim=True)
@@ -515,39 +595,46 @@ class FeatureBank:
             offset_extra = (norms[:, 0] == 0).to(torch.float64)  # zero query: distance 1 to every row
         if self._mean is not None:
             x = x - self._mean
-        sq = x.square().sum(1)
+        sq = torch.linalg.vector_norm(x, dim=1).square()  # (one fused pass; relative error ~2^-52)
         offset = sq if offset_extra is None else sq + offset_extra
         if self.screen_dtype == torch.float32:
             sigma = torch.full_like(sq, 2.0)
-            operands = (x * -2.0).to(torch.float32)
+            operands = x.to(torch.float32).mul_(-2.0)  # doubling is exact
             floor_q = torch.full_like(sq, 2 * F32_TINY)
         else:
-            _, ex = torch.frexp(x.abs().amax(1))
+            _, ex = torch.frexp(torch.linalg.vector_norm(x, ord=math.inf, dim=1))
             sigma = torch.ldexp(torch.ones_like(sq), (_SCALE_TOP - 1 - ex).to(torch.float64)) * 2  # |max| -> [2^14, 2^15)
             operands = (x * -sigma[:, None]).to(self.screen_dtype)
-            if not self._mm_native:
+            if self._mm == "emulated":
                 operands = operands.to(torch.float32)  # exact: the product runs in float32
             floor_q = 2 * _HALF_UNITS[self.screen_dtype][1] / sigma
+        return self._finish_queries(operands, sq, offset, sigma, floor_q)
+
+    def _finish_queries(self, operands, sq, offset, sigma, floor_q):
         g64 = sigma / (2 * self._bank_scale)
         g = g64.to(torch.float32)
         key_scale = sigma * self._bank_scale / 2
         acc_floor = F32_TINY / (sigma * self._bank_scale)
-        usable = (torch.isfinite(g) & (g != 0) & (g.double() == g64) & torch.isfinite(key_scale) & (sq < _LARGE)
-                  & torch.isfinite(operands.sum(1, dtype=torch.float64)))
+        # finite rows with sq < 2^120 give finite operands (half: scaled below 2^15; float32: |2x| < 2^61)
+        usable = torch.isfinite(g) & (g != 0) & (g.double() == g64) & torch.isfinite(key_scale) & (sq < _LARGE)
         return operands, g, sq, offset, key_scale, floor_q, acc_floor, usable
 
     def _units(self, faiss: bool = False) -> tuple[float, float]:
-        """(input unit round-off, accumulation unit round-off) of this bank's screen products."""
+        """(input unit round-off, accumulation unit round-off) of this bank's screen products.
+
+        Tensor cores, TF32/bfloat16 float32 products and oneDNN's bfloat16 kernels (blocked,
+        flush-to-zero) get the tensor-core accumulation margin; IEEE float32 BLAS does not."""
         f32mm = _float32_matmul_unit(self.device)
         if self.screen_dtype == torch.float32:
             u_in = max(_U32, f32mm)
         else:
             u_half = _HALF_UNITS[self.screen_dtype][0]
-            u_in = u_half if self._mm_native else max(u_half, f32mm)
-        tensor_cores = f32mm > 0 or (self.device.type == "cuda" and self.screen_dtype != torch.float32)
+            u_in = max(u_half, f32mm) if self._mm == "emulated" else u_half
+        tensor_cores = f32mm > 0 or self._mm in ("cuda", "cpu-bf16")
         if faiss and getattr(self, "_faiss_gpu", False):  # faiss' cuBLAS products may use TF32
             u_in, tensor_cores = max(u_in, TF32_UNIT_ROUNDOFF), True
-        return u_in + _U64_PRE, (TENSOR_CORE_UNIT_ROUNDOFF if tensor_cores else _U32)
+        pre = _U32_PRE if (self._mean is not None and self._mean.dtype == torch.float32) else _U64_PRE
+        return u_in + pre, (TENSOR_CORE_UNIT_ROUNDOFF if tensor_cores else _U32)
 
     def _tolerance(self, sq, key_scale, floor_q, acc_floor, faiss: bool = False) -> torch.Tensor:
         """Rigorous bound on |screened key - exact key| per query, in the screened keys' scaled
@@ -555,7 +642,9 @@ class FeatureBank:
         u_in, u_acc = self._units(faiss)
         tol = product_screen_tolerance(sq, self._sqnorm_max, self.dim, input_unit=u_in, accumulation_unit=u_acc,
                                        floor_q=floor_q, floor_b=self._floor_b, accumulation_floor=acc_floor,
-                                       key_floor=2.0 ** -125 / key_scale, cosine=self.distance == "cosine")
+                                       key_floor=2.0 ** -125 / key_scale, cosine=self.distance == "cosine",
+                                       output_unit=BF16_UNIT_ROUNDOFF if self._mm == "cpu-bf16" else 0.0,
+                                       norm_unit=3 * _U32 if self._mean is not None else _U32)
         if faiss:  # faiss computes both squared norms and the sums in float32 too; its keys are unscaled
             return tol + (gamma(self.dim, u_acc) + 6 * _U32) * (sq + self._sqnorm_max) * 2
         return tol * key_scale
@@ -563,8 +652,10 @@ class FeatureBank:
     # ------------------------------------------------------------------ screening
     def _product(self, operands, start, stop):
         chunk = self._screen[start:stop]
-        if self._mm_native:
+        if self._mm == "cuda":
             return torch.mm(operands, chunk.T, out_dtype=torch.float32)
+        if self._mm == "cpu-bf16":  # float32 accumulation, result rounded to bfloat16 (in the bound)
+            return (operands @ chunk.T).to(torch.float32)
         if chunk.dtype != torch.float32:
             chunk = chunk.to(torch.float32)  # exact
         return operands @ chunk.T
@@ -596,8 +687,8 @@ class FeatureBank:
         v, j = best_v.sort(dim=1)
         return v.to(torch.float64), best_i.gather(1, j)
 
-    def _screen_faiss(self, q64, c, self_rows):
-        x = q64
+    def _screen_faiss(self, qb, c, self_rows):
+        x = qb.to(torch.float64)
         if self.distance == "cosine":
             x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
         sq = x.square().sum(1)
@@ -634,9 +725,9 @@ class FeatureBank:
         sq = torch.where(mask, self._sqnorms, torch.full_like(self._sqnorms, math.inf))
         return sq, int(mask.sum()), mask
 
-    def _exact_scan(self, q64, k, self_rows, mask):
+    def _exact_scan(self, queries, k, self_rows, mask):
         """Exact keys of every allowed row (for queries the screen cannot handle): (keys, idx) [b, k]."""
-        b = q64.shape[0]
+        b = queries.shape[0]
         best_k = torch.full((b, k), math.inf, dtype=torch.float64, device=self.device)
         best_i = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
         step = max(1, 2 ** 20 // max(1, b))
@@ -652,7 +743,7 @@ class FeatureBank:
             if self_rows is not None:
                 keep &= cols != self_rows[rows]
             rows, cols = rows[keep], cols[keep]
-            keys = self._exact_pairs(q64, rows, cols)
+            keys = self._exact_pairs(queries, rows, cols)
             have = best_i >= 0
             r0, j0 = have.nonzero(as_tuple=True)
             best_k, best_i = _select(torch.cat([r0, rows]), torch.cat([best_i[r0, j0], cols]),
@@ -669,14 +760,15 @@ class FeatureBank:
             j = j + (j >= self_rows[:, None]).long()
         return ones, j.contiguous()
 
-    def _knn_block(self, q64, k, self_rows, sqnorms, n_allowed, mask):
-        """Exact k-NN keys of a block of finite float64 queries: (keys float64 [b, k], indices [b, k])."""
-        b = q64.shape[0]
+    def _knn_block(self, qb, k, self_rows, sqnorms, n_allowed, mask):
+        """Exact k-NN keys of a block of finite queries (any real dtype, on ``device``):
+        (keys float64 [b, k], indices [b, k])."""
+        b = qb.shape[0]
         keys = torch.full((b, k), math.inf, dtype=torch.float64, device=self.device)
         idx = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(q64)
+        operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(qb)
         if self.distance == "cosine":
-            zero = q64.abs().amax(1) == 0
+            zero = qb.abs().amax(1) == 0
             if bool(zero.any()):
                 z = zero.nonzero().flatten()
                 keys[z], idx[z] = self._first_rows(z.numel(), k, None if self_rows is None else self_rows[z], mask)
@@ -686,7 +778,7 @@ class FeatureBank:
         use_faiss = self.backend == "faiss" and mask is None
         tol_torch = self._tolerance(sq, key_scale, floor_q, acc_floor)
         if use_faiss:  # (float32 screens only: key_scale = 1, faiss and torch keys share units)
-            v, cand = self._screen_faiss(q64, c, self_rows)
+            v, cand = self._screen_faiss(qb, c, self_rows)
             tol = self._tolerance(sq, key_scale, floor_q, acc_floor, faiss=True)
         else:
             v, cand = self._screen_torch(operands, g, sqnorms, c, self_rows)
@@ -698,7 +790,7 @@ class FeatureBank:
         good = usable & complete
         rows, j = (inband & good[:, None]).nonzero(as_tuple=True)  # typically ~k pairs per query
         cols = cand[rows, j]
-        sel_k, sel_i = _select(rows, cols, self._exact_pairs(q64, rows, cols), b, k)
+        sel_k, sel_i = _select(rows, cols, self._exact_pairs(qb, rows, cols), b, k)
         keys = torch.where(good[:, None], sel_k, keys)
         idx = torch.where(good[:, None], sel_i, idx)
         bad = (usable & ~complete).nonzero().flatten()
@@ -711,14 +803,14 @@ class FeatureBank:
                 rr.append(r)
                 cc.append(col + s)
             rr, cc = torch.cat(rr), torch.cat(cc)
-            keys[bad], idx[bad] = _select(rr, cc, self._exact_pairs(q64[bad], rr, cc), bad.numel(), k)
+            keys[bad], idx[bad] = _select(rr, cc, self._exact_pairs(qb[bad], rr, cc), bad.numel(), k)
         hopeless = ~usable
         if self.distance == "cosine":
-            hopeless &= q64.abs().amax(1) != 0
+            hopeless &= qb.abs().amax(1) != 0
         hopeless = hopeless.nonzero().flatten()
         if hopeless.numel():  # overflowing or otherwise unscreenable queries: exact scan of every row
             sub_self = self_rows[hopeless] if self_rows is not None else None
-            keys[hopeless], idx[hopeless] = self._exact_scan(q64[hopeless], k, sub_self, mask)
+            keys[hopeless], idx[hopeless] = self._exact_scan(qb[hopeless], k, sub_self, mask)
         return keys, idx
 
     def _knn_keys(self, queries, k: int, *, exclude_self: bool = False, rows=None):
@@ -745,12 +837,16 @@ class FeatureBank:
         for s in range(0, n, self.block_size):
             block = q[s:s + self.block_size].to(self.device)
             finite = finite_rows(block)
+            if bool(finite.all()):  # the usual case: no gather, no scatter
+                e = s + block.shape[0]
+                self_rows = torch.arange(s, e, device=self.device) if exclude_self else None
+                keys[s:e], idx[s:e] = self._knn_block(block, k, self_rows, sqnorms, n_allowed, mask)
+                continue
             good = finite.nonzero().flatten()
             if good.numel() == 0:
                 continue
-            q64 = block[good].to(torch.float64)
             self_rows = (good + s) if exclude_self else None
-            keys[s + good], idx[s + good] = self._knn_block(q64, k, self_rows, sqnorms, n_allowed, mask)
+            keys[s + good], idx[s + good] = self._knn_block(block[good], k, self_rows, sqnorms, n_allowed, mask)
         return keys, idx
 
     # ------------------------------------------------------------------ public search

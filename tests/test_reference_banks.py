@@ -30,10 +30,11 @@ def test_bank_is_built_once_and_reused(monkeypatch):
     ref = ReferenceBank.from_features(features(), seed=1)
     assert len(built) == 1  # the real-data measurement and the duplicate count share one bank
     assert ref.duplicate_count == 3 and ref.metadata["duplicate_count"] == 3
-    assert ref.bank() is ref.bank(device="cpu") is ref.bank(screen_dtype="float32") is built[0]
+    default = retrieval.resolve_screen_dtype(None, "cpu")
+    assert ref.bank() is ref.bank(device="cpu") is ref.bank(screen_dtype=default) is built[0]
     ref.score(features(40, seed=2))
     assert len(built) == 1  # scoring reuses it too
-    half = ref.bank(screen_dtype="float16")
+    half = ref.bank(screen_dtype="float16")  # (never the CPU default)
     assert half is not built[0] and half is ref.bank(screen_dtype=torch.float16) and len(built) == 2
     assert half.features.data_ptr() == ref.features.data_ptr()  # the master is shared, never copied
     ref.clear_banks()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from irs_callbacks.retrieval import SCREEN_DTYPES, FeatureBank, LearnedSet, faiss_available
+from irs_callbacks.retrieval import SCREEN_DTYPES, FeatureBank, LearnedSet, faiss_available, resolve_screen_dtype
 
 BACKENDS = ["torch"] + (["faiss"] if faiss_available() else [])
 
@@ -125,7 +125,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="k must be"):
         fb.knn(torch.randn(2, 3), 6)
     with pytest.raises(ValueError, match="too large"):
-        FeatureBank(torch.full((2, 3), 1e30))
+        FeatureBank(torch.full((2, 3), 1e30), screen_dtype="float32")
     with pytest.raises(ValueError, match="screen_dtype"):
         FeatureBank(torch.randn(5, 3), screen_dtype=torch.float64)
     with pytest.raises(ValueError, match="rows"):
@@ -335,11 +335,17 @@ def test_finite_rows_checks_overflowing_sums_exactly():
 
 def test_memory_layout_and_options():
     x = torch.randn(300, 32)
-    fb = FeatureBank(x)
+    fb = FeatureBank(x, screen_dtype="float32")
     assert fb.features.data_ptr() == x.data_ptr() and fb.screen_bytes == 0  # float32 screen = master
     half = FeatureBank(x, screen_dtype=torch.float16)
     assert half.features.data_ptr() == x.data_ptr() and half.screen_bytes == 300 * 32 * 2
     assert FeatureBank(x.double()).features.dtype == torch.float32
+    huge = FeatureBank(torch.full((2, 3), 1e30), screen_dtype="float16")  # centred and scaled: fine
+    assert huge.search(torch.full((1, 3), 1e30))[0].tolist() == [0]
+    # defaults never depend on CUDA being present: the features' device, its screen
+    assert fb.device == torch.device("cpu") and FeatureBank(x).device == torch.device("cpu")
+    assert FeatureBank(x).screen_dtype == resolve_screen_dtype(None, "cpu")
+    assert resolve_screen_dtype(None, "cuda") == torch.float16
     if faiss_available():
         with pytest.raises(ValueError, match="faiss"):
             FeatureBank(x, backend="faiss", screen_dtype="float16")
