@@ -33,17 +33,18 @@ SETTINGS = [dict(distance="euclidean", screen_dtype="float32"), dict(distance="e
 
 def main(out, world):
     out = Path(out)
+    device = os.environ.get("BANK_DEVICE", "cpu")
     bank, queries = data()
     results = []
     if world == 1:
         for settings in SETTINGS:
-            fb = FeatureBank(bank, **settings)
+            fb = FeatureBank(bank, device=device, **settings)
             learned, rounds = LearnedSet(len(bank)), []
             for parts in ROUNDS:
                 (a0, b0), (a1, b1) = parts  # rank 1 sends float32 queries (gathered exactly as float64)
                 idx, dist_ = fb.search(torch.cat([queries[a0:b0], queries[a1:b1].float().double()]))
                 learned.update(idx)
-                rounds.append((idx, dist_, learned.n_learned))
+                rounds.append((idx.cpu(), dist_.cpu(), learned.n_learned))
             results.append(rounds)
         torch.save({"results": results, "world": 1}, out / "rank0.pt")
         return
@@ -51,13 +52,14 @@ def main(out, world):
     rank = dist.get_rank()
     start, stop = shard_range(len(bank), world, rank)
     for settings in SETTINGS:
-        sharded = ShardedFeatureBank.from_features(bank, **settings)
+        sharded = ShardedFeatureBank.from_features(bank, device=device, **settings)
         assert (sharded.offset, sharded.local.n_train) == (start, stop - start)
         learned, rounds = LearnedSet(len(bank)), []
         for parts in ROUNDS:
             a, b = parts[rank]
             local = queries[a:b] if rank == 0 else queries[a:b].float()  # dtypes differ across ranks
             idx, dist_ = sharded.search(local)
+            idx, dist_ = idx.cpu(), dist_.cpu()
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
             dist.all_gather(sizes, torch.tensor([idx.numel()]))
             padded = torch.full((max(int(s) for s in sizes),), -2, dtype=torch.int64)

@@ -172,6 +172,18 @@ def test_search_feeds_learned_set():
 
 # ---------------------------------------------------------------------------------------- screens
 SCREENS = ["float32", "float16", "bfloat16"]
+# bfloat16 runs natively on CPUs with AVX512-BF16/AMX (bfloat16-rounded products) and is emulated
+# elsewhere; "bfloat16-emulated" forces the emulation so both paths are tested on any CPU
+MODES = SCREENS + ["bfloat16-emulated"]
+
+
+def screen_mode(mode, monkeypatch):
+    from irs_callbacks import retrieval
+
+    if mode == "bfloat16-emulated":
+        monkeypatch.setattr(retrieval, "_CPU_BF16", False)
+        return "bfloat16"
+    return mode
 
 
 def brute_keys(bank, queries, distance="euclidean"):
@@ -231,9 +243,10 @@ def near_tie_data(seed=0):
     return bank.float(), queries.float()
 
 
-@pytest.mark.parametrize("screen", SCREENS)
+@pytest.mark.parametrize("screen", MODES)
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-def test_constructed_near_ties_match_float64_brute_force(screen, distance):
+def test_constructed_near_ties_match_float64_brute_force(screen, distance, monkeypatch):
+    screen = screen_mode(screen, monkeypatch)
     bank, queries = near_tie_data()
     fb = FeatureBank(bank, distance=distance, screen_dtype=screen, chunk_size=200, block_size=16, candidates=4)
     _, idx = fb.knn(queries, 5)
@@ -243,12 +256,13 @@ def test_constructed_near_ties_match_float64_brute_force(screen, distance):
         assert idx[0].tolist() == [7, 100, 101, 102, 103]  # exact ties: lowest indices first
 
 
-@pytest.mark.parametrize("screen", SCREENS)
+@pytest.mark.parametrize("screen", MODES)
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
 @pytest.mark.parametrize("scale", [1e-30, 1e-12, 1.0, 1e8])
-def test_screened_distances_stay_within_the_rigorous_bound(screen, distance, scale):
+def test_screened_distances_stay_within_the_rigorous_bound(screen, distance, scale, monkeypatch):
     """|screened - exact| <= tol for every pair (distance_blocks), including rows whose entries
     span 12 decades (float16 subnormals after scaling) -- and the bound is not vacuous."""
+    screen = screen_mode(screen, monkeypatch)
     g = torch.Generator().manual_seed(3)
     d = 256
     spread = 10.0 ** (-12 * torch.rand(300, d, generator=g))

@@ -19,12 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sharded")
+def launch(base, device):
     root = str(Path(__file__).parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
+           "MASTER_PORT": str(free_port()), "BANK_DEVICE": device}
     one = subprocess.run([sys.executable, str(WORKER), str(base)], env={**env, "WORLD_SIZE": "1"},
                          capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -37,6 +35,11 @@ def runs(tmp_path_factory):
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
     return single, [torch.load(base / "two" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("sharded"), "cpu")
 
 
 def test_two_ranks_give_the_single_process_indices(runs):
@@ -61,3 +64,13 @@ def test_ties_across_shards_go_to_the_lowest_global_index(runs):
     cosine = r0["results"][2][0][0]
     assert cosine[4] == 5 and cosine[5] == 5 and cosine[7] == 0  # same direction; a zero query: row 0
     assert "rows [0, 50)" in r0["shard_error"]
+
+
+@pytest.mark.cuda
+def test_two_ranks_with_cuda_banks_equal_one(tmp_path):
+    """Both ranks screen on the CUDA device (float16 / bfloat16 tensor cores), gloo exchanges on the CPU."""
+    single, (r0, r1) = launch(tmp_path, "cuda")
+    for setting, rounds in enumerate(single["results"]):
+        for n, (idx, dist, n_learned) in enumerate(rounds):
+            assert torch.equal(torch.cat([r0["results"][setting][n][0], r1["results"][setting][n][0]]), idx)
+            assert r0["results"][setting][n][2] == r1["results"][setting][n][2] == n_learned
