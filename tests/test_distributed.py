@@ -25,7 +25,8 @@ def free_port() -> int:
 
 
 def run(out, processes):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    # a CPU (gloo) test wherever it runs: with a GPU visible, --multi_gpu would put ranks on it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "CUDA_VISIBLE_DEVICES": ""}
     if processes == 1:
         cmd = [sys.executable, str(WORKER), str(out)]
     else:
