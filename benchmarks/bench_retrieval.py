@@ -161,7 +161,7 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[2048, 256],
                    help="query batch sizes (2048 is the published setting)")
     p.add_argument("--screen", nargs="+", default=None,
-                   help="screen dtypes (default: float32 float16 on CPU, float16 bfloat16 float32 on CUDA)")
+                   help="screen dtypes (default: float32 float16 bfloat16 on CPU, float16 bfloat16 float32 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", choices=["gaussian", "relu"], default="gaussian")
     p.add_argument("--repeats", type=int, default=1)
@@ -171,7 +171,7 @@ def main():
     p.add_argument("--score-queries", type=int, default=1_000, help="real and synthetic queries (score): min(N/2, this)")
     args = p.parse_args()
     if args.screen is None:
-        args.screen = ["float16", "bfloat16", "float32"] if torch.device(args.device).type == "cuda" else ["float32", "float16"]
+        args.screen = ["float16", "bfloat16", "float32"] if torch.device(args.device).type == "cuda" else ["float32", "float16", "bfloat16"]
     (search_mode if args.mode == "search" else score_mode)(args)
 
 
