@@ -231,6 +231,20 @@ def _select(rows, cols, keys, n_rows: int, k: int):
     return out_k, out_c
 
 
+class _Screen:
+    """One screen: a stored copy of the bank and what its error bound needs."""
+
+    def __init__(self, data, sqnorms, sqnorm_max, mean, bank_scale, floor_b, dtype, mm):
+        self.data = data  # [N, d] stored rows: (row - mean) * bank_scale in dtype
+        self.sqnorms = sqnorms  # float32 [N]: bank_scale^2 ||row - mean||^2 (+ 1 for zero cosine rows)
+        self.sqnorm_max = sqnorm_max  # unscaled, float
+        self.mean = mean  # centring vector (float32 or float64) or None
+        self.bank_scale = bank_scale  # power of two
+        self.floor_b = floor_b  # rounding floor of the stored rows, unscaled
+        self.dtype = dtype
+        self.mm = mm  # "float32", "cuda" (tensor cores, float32 out), "cpu-bf16" (bfloat16 out), "emulated"
+
+
 class FeatureBank:
     """N training features with exact nearest-neighbour search (module docstring).
 
@@ -294,18 +308,19 @@ class FeatureBank:
         self.features = master  #: float32 master values ``[N, d]`` on ``master_device``
         # how the half screen multiplies: "cuda" (tensor cores, float32 out), "cpu-bf16" (oneDNN,
         # bfloat16 out), or "emulated" (exact half values in a float32 product)
-        self._mm = "float32"
+        mm = "float32"
         if half:
             if cuda and self._probe_half_mm():
-                self._mm = "cuda"
+                mm = "cuda"
             elif (self.device.type == "cpu" and self.screen_dtype == torch.bfloat16 and cpu_has_bf16_matmul()):
-                self._mm = "cpu-bf16"
+                mm = "cpu-bf16"
             else:
-                self._mm = "emulated"
+                mm = "emulated"
         self._pinned = None  # staging buffer for gathers from a host master
         self._hashes = None
         self._duplicate_count = None
-        self._prepare_screen()
+        self._screen = self._prepare_screen(mm)
+        self._fallback = None  # float32 screen on the master (Euclidean half screens with the master on device)
         self._faiss_index = self._faiss_resources = None
         if self.backend == "faiss":
             self._faiss_index = self._build_faiss()
@@ -339,7 +354,7 @@ class FeatureBank:
         rows = self.features[start:stop]
         return rows.to(self.device, non_blocking=rows.is_pinned())
 
-    def _prepare_screen(self) -> None:
+    def _prepare_screen(self, mm: str) -> _Screen:
         """Check finiteness, build the screen copy and its float32 squared norms, chunk by chunk
         on ``device`` (one pass over the master; row hashes for duplicate counting on CUDA)."""
         n, d, dev = self.n_train, self.dim, self.device
@@ -399,20 +414,31 @@ class FeatureBank:
                 exp_b = self._store_half(screen, s, e, x, exp_b)
             elif not share:
                 screen[s:e] = x.to(torch.float32)
-        self._screen = screen
-        self._sqnorm_max = float(sqnorms.max())
-        if self._sqnorm_max > _LARGE:
-            raise ValueError(f"features are too large for the float32 screen (squared norm {self._sqnorm_max:.3g} "
+        sqnorm_max = float(sqnorms.max())
+        if sqnorm_max > _LARGE:
+            raise ValueError(f"features are too large for the float32 screen (squared norm {sqnorm_max:.3g} "
                              f"> 2^120); divide them by a common factor (nearest neighbours do not change)")
+        bank_scale = 2.0 ** exp_b
+        # rounding floor of the stored rows (flush-to-zero and rescaling included), unscaled
+        floor_b = 2 * _HALF_UNITS[self.screen_dtype][1] / bank_scale if half else 2 * F32_TINY
         # screen keys only (the exact re-rank uses the master), stored scaled like the half rows: s_b^2 ||b||^2
-        self._sqnorms = (sqnorms * 4.0 ** exp_b).to(torch.float32)
-        self._mean = mean
-        self._bank_scale = 2.0 ** exp_b
-        if half:
-            u_half, tiny = _HALF_UNITS[self.screen_dtype]
-            self._floor_b = 2 * tiny / self._bank_scale  # rounding floor, flush-to-zero and rescaling included
-        else:
-            self._floor_b = 2 * F32_TINY
+        return _Screen(screen, (sqnorms * 4.0 ** exp_b).to(torch.float32), sqnorm_max, mean, bank_scale, floor_b,
+                       self.screen_dtype, mm)
+
+    def _float32_fallback(self) -> _Screen | None:
+        """A float32 screen on the master itself (no copy; squared norms computed once), for query
+        blocks whose half-precision error band holds too many rows: Euclidean banks whose master
+        lives on ``device`` (the CPU, or ``master_device="cuda"``)."""
+        if (self._screen.dtype == torch.float32 or self.distance != "euclidean"
+                or self.master_device != self.device or self.backend == "faiss"):
+            return None
+        if self._fallback is None:
+            step = max(1, _PREP_ELEMENTS // self.dim)
+            sq = torch.cat([torch.linalg.vector_norm(self.features[s:s + step], dim=1, dtype=torch.float64).square()
+                            for s in range(0, self.n_train, step)])
+            self._fallback = _Screen(self.features, sq.to(torch.float32), float(sq.max()), None, 1.0, 2 * F32_TINY,
+                                     torch.float32, "float32")
+        return self._fallback
 
     def _store_half(self, screen, start, stop, x, exp_b) -> int:
         """Store centred rows ``x`` x 2^exp_b in the half screen; returns the (possibly lowered) exponent."""
@@ -438,7 +464,7 @@ class FeatureBank:
     def _build_faiss(self):
         import faiss
 
-        source = self._screen if self.distance == "cosine" else self.features
+        source = self._screen.data if self.distance == "cosine" else self.features
         xb = np.ascontiguousarray(source.to(torch.float32).cpu().numpy())
         cosine = self.distance == "cosine"
         self._faiss_gpu = self.device.type == "cuda" and _faiss_gpus() > 0
@@ -465,7 +491,8 @@ class FeatureBank:
     @property
     def screen_bytes(self) -> int:
         """Bytes of the screen copy on ``device`` (0 extra when it is the master itself)."""
-        return 0 if self._screen is self.features else self._screen.numel() * self._screen.element_size()
+        data = self._screen.data
+        return 0 if data is self.features else data.numel() * data.element_size()
 
     # ------------------------------------------------------------------ duplicates
     def _hash_weights(self) -> torch.Tensor:
@@ -567,7 +594,7 @@ class FeatureBank:
             raise ValueError(f"{name} have dimension {q.shape[1]} but the bank has dimension {self.dim}")
         return q.to(self.device)
 
-    def _screen_queries(self, qb):
+    def _screen_queries(self, scr: _Screen, qb):
         """Screen operands of float64 queries.
 
         Returns (operands [b, d], g float32 [b], Q float64 [b], offset [b], key_scale float64 [b],
@@ -578,99 +605,102 @@ class FeatureBank:
         changes no ranking and keeps float32 keys clear of underflow and overflow at any feature scale.
         ``key / key_scale + offset`` approximates the squared distance (cosine: of unit vectors).
         """
-        if self.screen_dtype == torch.float32 and self._mean is None and self.distance == "euclidean":
+        if scr.dtype == torch.float32 and scr.mean is None and self.distance == "euclidean":
             sq = torch.linalg.vector_norm(qb, dim=1, dtype=torch.float64).square()  # float64, one pass
             operands = qb.to(torch.float32) * -2.0  # float32 inputs: exact; float64: one rounding
-            return self._finish_queries(operands, sq, sq, torch.full_like(sq, 2.0), torch.full_like(sq, 2 * F32_TINY))
-        if self._mean is not None and self._mean.dtype == torch.float32 and qb.dtype != torch.float64:
-            x = qb.to(torch.float32) - self._mean  # Euclidean half screen: centred in float32
+            return self._finish_queries(scr, operands, sq, sq, torch.full_like(sq, 2.0),
+                                        torch.full_like(sq, 2 * F32_TINY))
+        if scr.mean is not None and scr.mean.dtype == torch.float32 and qb.dtype != torch.float64:
+            x = qb.to(torch.float32) - scr.mean  # Euclidean half screen: centred in float32
             _, ex = torch.frexp(torch.linalg.vector_norm(x, ord=math.inf, dim=1))
             if bool((ex > -100).all()):  # (else the float64 path below)
                 sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
                 sigma = torch.ldexp(torch.ones_like(x[:, 0]), (_SCALE_TOP - ex).to(torch.float32))  # exact
-                operands = (x * -sigma[:, None]).to(self.screen_dtype)  # |max| in [2^14, 2^15)
-                if self._mm == "emulated":
+                operands = (x * -sigma[:, None]).to(scr.dtype)  # |max| in [2^14, 2^15)
+                if scr.mm == "emulated":
                     operands = operands.to(torch.float32)
                 sigma = sigma.to(torch.float64)
-                return self._finish_queries(operands, sq, sq, sigma, 2 * _HALF_UNITS[self.screen_dtype][1] / sigma)
+                return self._finish_queries(scr, operands, sq, sq, sigma, 2 * _HALF_UNITS[scr.dtype][1] / sigma)
         x = qb.to(torch.float64)
         offset_extra = None
         if self.distance == "cosine":
             norms = x.norm(dim=1, keepdim=True)
             x = x / norms.clamp_min(1e-300)
             offset_extra = (norms[:, 0] == 0).to(torch.float64)  # zero query: distance 1 to every row
-        if self._mean is not None:
-            x = x - self._mean
+        if scr.mean is not None:
+            x = x - scr.mean
         sq = torch.linalg.vector_norm(x, dim=1).square()  # (one fused pass; relative error ~2^-52)
         offset = sq if offset_extra is None else sq + offset_extra
-        if self.screen_dtype == torch.float32:
+        if scr.dtype == torch.float32:
             sigma = torch.full_like(sq, 2.0)
             operands = x.to(torch.float32).mul_(-2.0)  # doubling is exact
             floor_q = torch.full_like(sq, 2 * F32_TINY)
         else:
             _, ex = torch.frexp(torch.linalg.vector_norm(x, ord=math.inf, dim=1))
             sigma = torch.ldexp(torch.ones_like(sq), (_SCALE_TOP - 1 - ex).to(torch.float64)) * 2  # |max| -> [2^14, 2^15)
-            operands = (x * -sigma[:, None]).to(self.screen_dtype)
-            if self._mm == "emulated":
+            operands = (x * -sigma[:, None]).to(scr.dtype)
+            if scr.mm == "emulated":
                 operands = operands.to(torch.float32)  # exact: the product runs in float32
-            floor_q = 2 * _HALF_UNITS[self.screen_dtype][1] / sigma
-        return self._finish_queries(operands, sq, offset, sigma, floor_q)
+            floor_q = 2 * _HALF_UNITS[scr.dtype][1] / sigma
+        return self._finish_queries(scr, operands, sq, offset, sigma, floor_q)
 
-    def _finish_queries(self, operands, sq, offset, sigma, floor_q):
-        g64 = sigma / (2 * self._bank_scale)
+    @staticmethod
+    def _finish_queries(scr, operands, sq, offset, sigma, floor_q):
+        g64 = sigma / (2 * scr.bank_scale)
         g = g64.to(torch.float32)
-        key_scale = sigma * self._bank_scale / 2
-        acc_floor = F32_TINY / (sigma * self._bank_scale)
+        key_scale = sigma * scr.bank_scale / 2
+        acc_floor = F32_TINY / (sigma * scr.bank_scale)
         # finite rows with sq < 2^120 give finite operands (half: scaled below 2^15; float32: |2x| < 2^61)
         usable = torch.isfinite(g) & (g != 0) & (g.double() == g64) & torch.isfinite(key_scale) & (sq < _LARGE)
         return operands, g, sq, offset, key_scale, floor_q, acc_floor, usable
 
-    def _units(self, faiss: bool = False) -> tuple[float, float]:
+    def _units(self, scr: _Screen, faiss: bool = False) -> tuple[float, float]:
         """(input unit round-off, accumulation unit round-off) of this bank's screen products.
 
         Tensor cores, TF32/bfloat16 float32 products and oneDNN's bfloat16 kernels (blocked,
         flush-to-zero) get the tensor-core accumulation margin; IEEE float32 BLAS does not."""
         f32mm = _float32_matmul_unit(self.device)
-        if self.screen_dtype == torch.float32:
+        if scr.dtype == torch.float32:
             u_in = max(_U32, f32mm)
         else:
-            u_half = _HALF_UNITS[self.screen_dtype][0]
-            u_in = max(u_half, f32mm) if self._mm == "emulated" else u_half
-        tensor_cores = f32mm > 0 or self._mm in ("cuda", "cpu-bf16")
+            u_half = _HALF_UNITS[scr.dtype][0]
+            u_in = max(u_half, f32mm) if scr.mm == "emulated" else u_half
+        tensor_cores = f32mm > 0 or scr.mm in ("cuda", "cpu-bf16")
         if faiss and getattr(self, "_faiss_gpu", False):  # faiss' cuBLAS products may use TF32
             u_in, tensor_cores = max(u_in, TF32_UNIT_ROUNDOFF), True
-        pre = _U32_PRE if (self._mean is not None and self._mean.dtype == torch.float32) else _U64_PRE
+        pre = _U32_PRE if (scr.mean is not None and scr.mean.dtype == torch.float32) else _U64_PRE
         return u_in + pre, (TENSOR_CORE_UNIT_ROUNDOFF if tensor_cores else _U32)
 
-    def _tolerance(self, sq, key_scale, floor_q, acc_floor, faiss: bool = False) -> torch.Tensor:
+    def _tolerance(self, scr: _Screen, sq, key_scale, floor_q, acc_floor, faiss: bool = False) -> torch.Tensor:
         """Rigorous bound on |screened key - exact key| per query, in the screened keys' scaled
         units (float64 [b]; unscaled for faiss)."""
-        u_in, u_acc = self._units(faiss)
-        tol = product_screen_tolerance(sq, self._sqnorm_max, self.dim, input_unit=u_in, accumulation_unit=u_acc,
-                                       floor_q=floor_q, floor_b=self._floor_b, accumulation_floor=acc_floor,
+        u_in, u_acc = self._units(scr, faiss)
+        tol = product_screen_tolerance(sq, scr.sqnorm_max, self.dim, input_unit=u_in, accumulation_unit=u_acc,
+                                       floor_q=floor_q, floor_b=scr.floor_b, accumulation_floor=acc_floor,
                                        key_floor=2.0 ** -125 / key_scale, cosine=self.distance == "cosine",
-                                       output_unit=BF16_UNIT_ROUNDOFF if self._mm == "cpu-bf16" else 0.0,
-                                       norm_unit=3 * _U32 if self._mean is not None else _U32)
+                                       output_unit=BF16_UNIT_ROUNDOFF if scr.mm == "cpu-bf16" else 0.0,
+                                       norm_unit=3 * _U32 if scr.mean is not None else _U32)
         if faiss:  # faiss computes both squared norms and the sums in float32 too; its keys are unscaled
-            return tol + (gamma(self.dim, u_acc) + 6 * _U32) * (sq + self._sqnorm_max) * 2
+            return tol + (gamma(self.dim, u_acc) + 6 * _U32) * (sq + scr.sqnorm_max) * 2
         return tol * key_scale
 
     # ------------------------------------------------------------------ screening
-    def _product(self, operands, start, stop):
-        chunk = self._screen[start:stop]
-        if self._mm == "cuda":
+    @staticmethod
+    def _product(scr: _Screen, operands, start, stop):
+        chunk = scr.data[start:stop]
+        if scr.mm == "cuda":
             return torch.mm(operands, chunk.T, out_dtype=torch.float32)
-        if self._mm == "cpu-bf16":  # float32 accumulation, result rounded to bfloat16 (in the bound)
+        if scr.mm == "cpu-bf16":  # float32 accumulation, result rounded to bfloat16 (in the bound)
             return (operands @ chunk.T).to(torch.float32)
         if chunk.dtype != torch.float32:
             chunk = chunk.to(torch.float32)  # exact
         return operands @ chunk.T
 
-    def _key_chunks(self, operands, g, sqnorms, self_rows=None):
+    def _key_chunks(self, scr: _Screen, operands, g, sqnorms, self_rows=None):
         """Yield (start, end, keys): keys[i, j] = screened ||b_j||^2 - 2 q_i.b_j times key_scale[i] (float32)."""
         for s in range(0, self.n_train, self.chunk_size):
             e = min(s + self.chunk_size, self.n_train)
-            acc = self._product(operands, s, e)
+            acc = self._product(scr, operands, s, e)
             keys = torch.addcmul(acc, g[:, None], sqnorms[None, s:e], out=acc)
             if self_rows is not None:
                 inside = (self_rows >= s) & (self_rows < e)
@@ -679,9 +709,9 @@ class FeatureBank:
                     keys[r, self_rows[r] - s] = math.inf
             yield s, e, keys
 
-    def _screen_torch(self, operands, g, sqnorms, c, self_rows):
+    def _screen_torch(self, scr: _Screen, operands, g, sqnorms, c, self_rows):
         best_v = best_i = None
-        for s, e, keys in self._key_chunks(operands, g, sqnorms, self_rows):
+        for s, e, keys in self._key_chunks(scr, operands, g, sqnorms, self_rows):
             v, i = keys.topk(min(c, e - s), dim=1, largest=False, sorted=False)
             i = i + s
             if best_v is not None:
@@ -703,7 +733,7 @@ class FeatureBank:
         v = torch.from_numpy(D).to(self.device, torch.float64)
         i = torch.from_numpy(I).to(self.device)
         if self.distance == "cosine":  # inner products of unit rows -> ||b||^2 - 2 q.b
-            v = self._sqnorms.double()[i.clamp_min(0)] - 2 * v
+            v = self._screen.sqnorms.double()[i.clamp_min(0)] - 2 * v
         else:  # ||q||^2 + ||b||^2 - 2 q.b -> ||b||^2 - 2 q.b
             v = v - sq[:, None]
         v = torch.where(i < 0, torch.full_like(v, math.inf), v)
@@ -714,9 +744,9 @@ class FeatureBank:
 
     # ------------------------------------------------------------------ exact k-NN
     def _allowed(self, rows):
-        """(screen squared norms with excluded rows at +inf, number of allowed rows, mask or None)."""
+        """(number of allowed rows, bool mask [N] or None)."""
         if rows is None:
-            return self._sqnorms, self.n_train, None
+            return self.n_train, None
         rows = torch.as_tensor(rows, device=self.device)
         if rows.dtype == torch.bool:
             if rows.shape != (self.n_train,):
@@ -728,8 +758,7 @@ class FeatureBank:
                 raise ValueError(f"rows must be bank indices in [0, {self.n_train - 1}]")
             mask = torch.zeros(self.n_train, dtype=torch.bool, device=self.device)
             mask[rows] = True
-        sq = torch.where(mask, self._sqnorms, torch.full_like(self._sqnorms, math.inf))
-        return sq, int(mask.sum()), mask
+        return int(mask.sum()), mask
 
     def _exact_scan(self, queries, k, self_rows, mask):
         """Exact keys of every allowed row (for queries the screen cannot handle): (keys, idx) [b, k]."""
@@ -766,13 +795,22 @@ class FeatureBank:
             j = j + (j >= self_rows[:, None]).long()
         return ones, j.contiguous()
 
-    def _knn_block(self, qb, k, self_rows, sqnorms, n_allowed, mask):
+    @staticmethod
+    def _masked(scr: _Screen, mask):
+        """The screen's squared norms with rows outside ``mask`` at +inf (never candidates)."""
+        if mask is None:
+            return scr.sqnorms
+        return torch.where(mask, scr.sqnorms, torch.full_like(scr.sqnorms, math.inf))
+
+    def _knn_block(self, qb, k, self_rows, n_allowed, mask, scr: _Screen | None = None):
         """Exact k-NN keys of a block of finite queries (any real dtype, on ``device``):
-        (keys float64 [b, k], indices [b, k])."""
+        (keys float64 [b, k], indices [b, k]). ``scr``: the screen (default: the bank's own)."""
+        primary = scr is None
+        scr = self._screen if primary else scr
         b = qb.shape[0]
         keys = torch.full((b, k), math.inf, dtype=torch.float64, device=self.device)
         idx = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(qb)
+        operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(scr, qb)
         if self.distance == "cosine":
             zero = qb.abs().amax(1) == 0
             if bool(zero.any()):
@@ -781,18 +819,27 @@ class FeatureBank:
                 usable &= ~zero
         n_eff = n_allowed - (1 if self_rows is not None else 0)
         c = min(n_eff, k + self.candidates)
-        use_faiss = self.backend == "faiss" and mask is None
-        tol_torch = self._tolerance(sq, key_scale, floor_q, acc_floor)
+        sqnorms = self._masked(scr, mask)
+        use_faiss = primary and self.backend == "faiss" and mask is None
+        tol_torch = self._tolerance(scr, sq, key_scale, floor_q, acc_floor)
         if use_faiss:  # (float32 screens only: key_scale = 1, faiss and torch keys share units)
             v, cand = self._screen_faiss(qb, c, self_rows)
-            tol = self._tolerance(sq, key_scale, floor_q, acc_floor, faiss=True)
+            tol = self._tolerance(scr, sq, key_scale, floor_q, acc_floor, faiss=True)
         else:
-            v, cand = self._screen_torch(operands, g, sqnorms, c, self_rows)
+            v, cand = self._screen_torch(scr, operands, g, sqnorms, c, self_rows)
             tol = tol_torch
         thr = v[:, k - 1] + 2 * tol  # every row that can still be among the k nearest has key <= thr
         usable &= torch.isfinite(thr)
         inband = v <= thr[:, None]
         complete = ~inband[:, -1] if c < n_eff else torch.ones_like(usable)
+        fallback = self._float32_fallback() if primary else None
+        if fallback is not None:  # wide half-precision bands: re-screen those queries in float32 (cheaper)
+            heavy = usable & (~complete | (inband.sum(1) > k + 4 + self.n_train // 1000))
+            h = heavy.nonzero().flatten()
+            if h.numel():
+                sub_self = self_rows[h] if self_rows is not None else None
+                keys[h], idx[h] = self._knn_block(qb[h], k, sub_self, n_allowed, mask, scr=fallback)
+                usable &= ~heavy
         good = usable & complete
         rows, j = (inband & good[:, None]).nonzero(as_tuple=True)  # typically ~k pairs per query
         cols = cand[rows, j]
@@ -804,15 +851,13 @@ class FeatureBank:
             rescan = _round_up_f32(v[bad, k - 1] + tol[bad] + tol_torch[bad])
             sub_self = self_rows[bad] if self_rows is not None else None
             rr, cc = [], []
-            for s, e, kk in self._key_chunks(operands[bad], g[bad], sqnorms, sub_self):
+            for s, e, kk in self._key_chunks(scr, operands[bad], g[bad], sqnorms, sub_self):
                 r, col = (kk <= rescan[:, None]).nonzero(as_tuple=True)
                 rr.append(r)
                 cc.append(col + s)
             rr, cc = torch.cat(rr), torch.cat(cc)
             keys[bad], idx[bad] = _select(rr, cc, self._exact_pairs(qb[bad], rr, cc), bad.numel(), k)
-        hopeless = ~usable
-        if self.distance == "cosine":
-            hopeless &= qb.abs().amax(1) != 0
+        hopeless = ~usable & (idx[:, 0] < 0)  # (not answered above: zero cosine queries, re-screened ones)
         hopeless = hopeless.nonzero().flatten()
         if hopeless.numel():  # overflowing or otherwise unscreenable queries: exact scan of every row
             sub_self = self_rows[hopeless] if self_rows is not None else None
@@ -827,7 +872,7 @@ class FeatureBank:
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]} but the bank has dimension {self.dim}")
         k = int(k)
-        sqnorms, n_allowed, mask = self._allowed(rows)
+        n_allowed, mask = self._allowed(rows)
         if exclude_self and mask is not None:
             raise ValueError("exclude_self and rows cannot be combined")
         limit = n_allowed - (1 if exclude_self else 0)
@@ -846,13 +891,13 @@ class FeatureBank:
             if bool(finite.all()):  # the usual case: no gather, no scatter
                 e = s + block.shape[0]
                 self_rows = torch.arange(s, e, device=self.device) if exclude_self else None
-                keys[s:e], idx[s:e] = self._knn_block(block, k, self_rows, sqnorms, n_allowed, mask)
+                keys[s:e], idx[s:e] = self._knn_block(block, k, self_rows, n_allowed, mask)
                 continue
             good = finite.nonzero().flatten()
             if good.numel() == 0:
                 continue
             self_rows = (good + s) if exclude_self else None
-            keys[s + good], idx[s + good] = self._knn_block(block[good], k, self_rows, sqnorms, n_allowed, mask)
+            keys[s + good], idx[s + good] = self._knn_block(block[good], k, self_rows, n_allowed, mask)
         return keys, idx
 
     # ------------------------------------------------------------------ public search
@@ -899,16 +944,17 @@ class FeatureBank:
             raise ValueError("queries must be finite for distance_blocks")
         for s in range(0, q.shape[0], self.block_size):
             q64 = q[s:s + self.block_size].to(torch.float64)
-            operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(q64)
+            scr = self._screen
+            operands, g, sq, offset, key_scale, floor_q, acc_floor, usable = self._screen_queries(scr, q64)
             unscale = (1 / key_scale).to(torch.float32)
             if not bool(usable.all()) or not bool((unscale.double() * key_scale == 1).all()):
                 raise ValueError("queries or features are out of the float32 screen's range (squared norms beyond "
                                  "2^120, or scales 2^127 apart); rescale both by a common factor")
-            tol = self._tolerance(sq, key_scale, floor_q, acc_floor) / key_scale + 8 * _U32 * (offset + self._sqnorm_max)
+            tol = self._tolerance(scr, sq, key_scale, floor_q, acc_floor) / key_scale + 8 * _U32 * (offset + scr.sqnorm_max)
             if self.distance == "cosine":
                 tol = tol + 4 * _U32 * (offset + 1)
             off32, unscale = offset.to(torch.float32)[:, None], unscale[:, None]
-            for b0, b1, keys in self._key_chunks(operands, g, self._sqnorms):
+            for b0, b1, keys in self._key_chunks(scr, operands, g, scr.sqnorms):
                 approx = torch.addcmul(off32, keys, unscale, out=keys)  # keys / key_scale exact (a power of two)
                 yield s, s + q64.shape[0], b0, b1, approx, _round_up_f32(tol)
 
@@ -939,7 +985,9 @@ class ShardedFeatureBank:
     sizes), every rank finds the exact nearest rows of all of them in its shard (float64 keys,
     global indices), the per-shard answers are gathered and the global nearest is chosen with the
     same tie rule (lowest global index), and each rank gets the answers for its own queries. The
-    indices are those of a single-process :class:`FeatureBank` over all rows.
+    indices are those of a single-process :class:`FeatureBank` over all rows. Construction is
+    collective too (the ranks check they agree on N, d and the distance). A rank whose sampling
+    failed must still call :meth:`search` (with no queries), or the others wait for it.
 
     Args:
         shard: this rank's rows ``[stop - start, d]`` (use :meth:`from_features` to slice the full

@@ -26,7 +26,7 @@ def test_bank_is_built_once_and_reused(monkeypatch):
     built = []
     original = retrieval.FeatureBank._prepare_screen
     monkeypatch.setattr(retrieval.FeatureBank, "_prepare_screen",
-                        lambda self: built.append(self) or original(self))
+                        lambda self, *args: built.append(self) or original(self, *args))
     ref = ReferenceBank.from_features(features(), seed=1)
     assert len(built) == 1  # the real-data measurement and the duplicate count share one bank
     assert ref.duplicate_count == 3 and ref.metadata["duplicate_count"] == 3

@@ -365,3 +365,19 @@ def test_memory_layout_and_options():
             FeatureBank(x, backend="faiss", screen_dtype="float16")
     with pytest.raises(ValueError, match="candidates"):
         FeatureBank(x, candidates=-1)
+
+
+@pytest.mark.parametrize("screen", ["float16", "bfloat16-emulated", "bfloat16"])
+def test_wide_half_bands_are_rescreened_in_float32_on_the_master(screen, monkeypatch):
+    """Queries far from every row (all distances nearly equal) put many rows inside a half
+    screen's error band; they are re-screened in float32 on the master (no copy), still exact."""
+    screen = screen_mode(screen, monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    bank, queries = torch.randn(2000, 256, generator=g), torch.randn(32, 256, generator=g)
+    fb = FeatureBank(bank, screen_dtype=screen, candidates=8)
+    _, idx = fb.knn(queries, 2)
+    assert torch.equal(idx, torch.argsort(brute_keys(bank, queries), dim=1, stable=True)[:, :2])
+    assert fb._fallback is not None and fb._fallback.data is fb.features  # used, and shares the master
+    cosine = FeatureBank(bank, distance="cosine", screen_dtype=screen, candidates=8)  # no fallback: band scan
+    _, idx = cosine.knn(queries, 2)
+    assert torch.equal(idx, torch.argsort(brute_keys(bank, queries, "cosine"), dim=1, stable=True)[:, :2])
