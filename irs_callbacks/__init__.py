@@ -32,6 +32,7 @@ _LAZY = {
     "extract_features": "features",
     "FeatureExtractor": "features",
     "FeatureBank": "retrieval",
+    "ShardedFeatureBank": "retrieval",
     "LearnedSet": "retrieval",
     "ReferenceBank": "reference",
     "RetrievalScore": "reference",

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 import torch
 
 from irs_callbacks.history import EvaluationRecord
+from irs_callbacks.retrieval import LearnedSet, ShardedFeatureBank
 from irs_callbacks.samplers import Sampler, preserved_training_state, sample_seed
 from irs_callbacks.stats import IRSEstimate, SequentialRejectionTest, irs_infinity
 
@@ -216,17 +217,16 @@ class EvaluationEngine:
         if s.adjust:
             for n in range(s.batch_size, min(test.budget, 8 * s.batch_size) + 1, s.batch_size):
                 self.reference.bank.real_at(n)
-        if not getattr(self.reference.search, "collective", False):
-            self.reference.search.search(self.reference.bank.features[: s.batch_size].to(self.device))
+        search = self.reference.search
+        local = search.local if isinstance(search, ShardedFeatureBank) else search  # no collective call here
+        local.search(local.features[: s.batch_size])
 
     def run(self, sampler: Sampler, step: int | None = None) -> EvaluationResult:
         """One evaluation of ``sampler`` (a :class:`~irs_callbacks.samplers.Sampler`). Raises
         :class:`EvaluationError` (on every rank) when sampling or feature extraction fails on any."""
-        from irs_callbacks.retrieval import LearnedSet
-
         s, procs, device = self.settings, self.processes, self.device
         bank, search, extractor = self.reference.bank, self.reference.search, self.reference.extractor
-        collective = bool(getattr(search, "collective", False))
+        collective = isinstance(search, ShardedFeatureBank)  # every rank must call its search every round
         t_start = time.perf_counter()
         n_train = bank.n_train
         test = self.rejection_test()

@@ -235,6 +235,11 @@ class IRSMonitor:
         return self.options.history_file or self.log_folder / HISTORY_NAME
 
     @property
+    def engine(self) -> EvaluationEngine | None:
+        """The evaluation engine (reference bank, search structure, settings) once set up."""
+        return self._engine
+
+    @property
     def should_stop(self) -> bool:
         return self.stopping.should_stop
 

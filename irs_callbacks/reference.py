@@ -67,6 +67,7 @@ import torch
 from irs_callbacks import __version__
 from irs_callbacks.files import expand_path, write_atomic
 from irs_callbacks.features import DEFAULT_EXTRACTOR, extract_features, get_extractor
+from irs_callbacks.retrieval import finite_rows, resolve_screen_dtype
 from irs_callbacks.validation import check_value_range
 from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity, ml_diversity
 
@@ -106,8 +107,8 @@ def _check_features(features, name: str) -> torch.Tensor:
 
 
 def _check_train_finite(features: torch.Tensor) -> torch.Tensor:
-    bad = ~torch.isfinite(features).all(dim=1)
-    if bad.any():
+    bad = ~finite_rows(features)  # one fast row-sum pass, no [N, d] bool temporary
+    if bool(bad.any()):
         raise ValueError(f"{int(bad.sum())} of {len(features)} training features are not finite (NaN/Inf images "
                          f"in the training set? first rows {bad.nonzero().flatten()[:5].tolist()})")
     return features
@@ -122,47 +123,83 @@ def split_for_real(n_train: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return order[: n_train - n_queries], order[n_train - n_queries:]
 
 
-def _retrieve(bank_features, queries, *, distance, device=None):
-    """LearnedSet of ``queries`` retrieved from ``bank_features`` (nearest neighbour each)."""
-    from irs_callbacks.retrieval import FeatureBank, LearnedSet
-
-    bank = FeatureBank(bank_features, distance=distance, device=device)
-    learned = LearnedSet(bank.n_train, device=bank.device)
-    indices, _ = bank.search(queries.to(bank.device))
-    learned.update(indices)
-    return learned, indices
-
-
 def measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
-                 device=None) -> tuple[IRSEstimate, dict]:
-    """IRS_inf of real data against training data, and a dict describing how it was measured."""
+                 device=None, bank=None) -> tuple[IRSEstimate, dict]:
+    """IRS_inf of real data against training data, and a dict describing how it was measured.
+
+    ``bank``: a :class:`~irs_callbacks.retrieval.FeatureBank` over ``train_features`` to reuse
+    (default: one is built on ``device``). The split searches that one bank restricted to the
+    bank half (``rows=``), so nothing is copied or built twice.
+    """
     estimate, info, _ = _measure_real(train_features, reference_features, distance=distance, seed=seed,
-                                      alpha_e=alpha_e, device=device)
+                                      alpha_e=alpha_e, device=device, bank=bank)
     return estimate, info
 
 
 def _measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
-                  device=None) -> tuple[IRSEstimate, dict, torch.Tensor]:
-    """:func:`measure_real` plus each real query's retrieved bank index (-1: invalid query)."""
+                  device=None, bank=None) -> tuple[IRSEstimate, dict, torch.Tensor]:
+    """:func:`measure_real` plus each real query's retrieved training index (-1: invalid query)."""
+    from irs_callbacks.retrieval import FeatureBank, LearnedSet
+
     train_features = _check_features(train_features, "train_features")
+    if bank is None:
+        bank = FeatureBank(train_features, distance=distance, device=device)
+    elif bank.n_train != len(train_features) or bank.distance != distance:
+        raise ValueError(f"bank has {bank.n_train} rows and distance {bank.distance!r}; expected "
+                         f"{len(train_features)} rows and {distance!r}")
     if reference_features is not None:
         queries = _check_features(reference_features, "reference_features")
         if queries.shape[1] != train_features.shape[1]:
             raise ValueError(f"reference features have dimension {queries.shape[1]}, training features "
                              f"{train_features.shape[1]}: they must come from the same extractor")
-        bank_features, info = train_features, {"method": "held-out", "n_queries": len(queries),
-                                               "n_bank": len(train_features)}
+        rows, n_bank = None, len(train_features)
+        info = {"method": "held-out", "n_queries": len(queries), "n_bank": n_bank}
     else:
         bank_idx, query_idx = split_for_real(len(train_features), seed)
-        bank_features, queries = train_features[bank_idx], train_features[query_idx]
-        info = {"method": "split", "seed": int(seed), "n_queries": len(query_idx), "n_bank": len(bank_idx),
+        queries, rows, n_bank = train_features[query_idx], bank_idx, len(bank_idx)
+        info = {"method": "split", "seed": int(seed), "n_queries": len(query_idx), "n_bank": n_bank,
                 "rule": "N < 100000: N // 2 queries; else 50000 queries; rest is the bank"}
-    learned, nearest = _retrieve(bank_features, queries, distance=distance, device=device)
+    nearest, _ = bank.search(queries, rows=rows)  # training indices (the split: of the bank half)
+    learned = LearnedSet(bank.n_train, device=bank.device)
+    learned.update(nearest)
     info.update(n_learned=int(learned.n_learned), n_invalid=int(learned.n_invalid))
     if learned.n_learned < 1:
         raise ValueError("no real reference image retrieved a training image (all reference features invalid?)")
-    estimate = irs_infinity(int(learned.n_learned), int(learned.n_samples), len(bank_features), alpha_e)
+    estimate = irs_infinity(int(learned.n_learned), int(learned.n_samples), n_bank, alpha_e)
     return estimate, info, nearest.cpu()
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64"}
+
+
+def _write_safetensors(path, tensors: dict, metadata: dict) -> None:
+    """Write ``tensors`` (CPU, float32/int64) in the safetensors format, streamed in chunks.
+
+    Format: 8-byte little-endian header length, the JSON header (dtype, shape and byte offsets
+    of each tensor, ``__metadata__``; padded with spaces to a multiple of 8), then the raw
+    little-endian bytes of each tensor in header order.
+    """
+    import sys
+
+    if sys.byteorder != "little":
+        raise RuntimeError("writing safetensors files needs a little-endian machine")
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for tensor in tensors.values():
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            step = max(1, 2 ** 24 // tensor.element_size())  # 16 MB at a time
+            for start in range(0, flat.numel(), step):
+                handle.write(memoryview(flat[start:start + step].numpy()).cast("B"))
 
 
 def _estimate_from_dict(data) -> IRSEstimate | None:
@@ -300,24 +337,71 @@ class ReferenceBank:
             real=None if real is None else real.as_dict(),
         )
         self.metadata.setdefault("library_version", __version__)
-        if "duplicate_count" not in self.metadata:
-            self.metadata["duplicate_count"] = int(self.bank(device="cpu").duplicate_count)
+        self._banks: dict = {}  # FeatureBank / ShardedFeatureBank per (device, sharded, options): built once
 
     n_train = property(lambda self: int(self.features.shape[0]), doc="N, number of training images")
     dim = property(lambda self: int(self.features.shape[1]), doc="feature dimension d")
-    duplicate_count = property(lambda self: int(self.metadata["duplicate_count"]),
-                               doc="exact-duplicate training features beyond the first of each group")
+
+    @property
+    def duplicate_count(self) -> int:
+        """Exact-duplicate training features beyond the first of each group (they cap N_learned).
+
+        From the metadata when saved there, else counted once by a cached bank (on its device)."""
+        if "duplicate_count" not in self.metadata:
+            from irs_callbacks.retrieval import FeatureBank
+
+            banks = [b for b in self._banks.values() if isinstance(b, FeatureBank)]
+            bank = banks[0] if banks else self.bank()
+            self.metadata["duplicate_count"] = int(bank.duplicate_count)
+        return int(self.metadata["duplicate_count"])
 
     def __repr__(self) -> str:
         real = "None" if self.real is None else str(self.real)
         return (f"ReferenceBank(n_train={self.n_train}, dim={self.dim}, distance={self.distance!r}, "
                 f"extractor={self.extractor_identity.get('name')!r}, real={real})")
 
-    def bank(self, device=None, dtype=torch.float32, **kwargs):
-        """A :class:`irs_callbacks.retrieval.FeatureBank` over the training features."""
-        from irs_callbacks.retrieval import FeatureBank
+    def bank(self, device=None, *, sharded: bool = False, **options):
+        """The retrieval bank over the training features, built once per arguments and cached.
 
-        return FeatureBank(self.features, distance=self.distance, device=device, dtype=dtype, **kwargs)
+        Args:
+            device: where it screens and answers (default: the features' device, the CPU).
+            sharded: False: a :class:`~irs_callbacks.retrieval.FeatureBank` holding all rows;
+                True (torch.distributed initialised): a
+                :class:`~irs_callbacks.retrieval.ShardedFeatureBank` holding this rank's
+                ``N / world`` rows, whose ``search`` is a collective call.
+            options: :class:`~irs_callbacks.retrieval.FeatureBank` options (``screen_dtype``,
+                ``master_device``, ``backend``, ...; ``group`` for a sharded bank).
+
+        Every bank shares the CPU float32 features as its master (a half-precision screen on
+        CUDA keeps them in host memory; no copy). :meth:`clear_banks` frees the cached banks.
+        """
+        from irs_callbacks.retrieval import FeatureBank, ShardedFeatureBank
+
+        key = self._bank_key(device, sharded, options)
+        if key not in self._banks:
+            if sharded:
+                self._banks[key] = ShardedFeatureBank.from_features(self.features, distance=self.distance,
+                                                                    device=device, **options)
+            else:
+                self._banks[key] = FeatureBank(self.features, distance=self.distance, device=device, **options)
+        return self._banks[key]
+
+    @staticmethod
+    def _bank_key(device, sharded, options) -> tuple:
+        device = torch.device(device if device is not None else "cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        options = dict(options)
+        options["screen_dtype"] = resolve_screen_dtype(options.get("screen_dtype"), device)
+        if options.get("master_device") is not None:
+            options["master_device"] = str(torch.device(options["master_device"]))
+        group = options.pop("group", None)
+        return (str(device), bool(sharded), id(group) if group is not None else None,
+                tuple(sorted((name, repr(value)) for name, value in options.items())))
+
+    def clear_banks(self) -> None:
+        """Forget the cached retrieval banks (frees their device memory)."""
+        self._banks.clear()
 
     def real_at(self, n_samples: int) -> IRSEstimate | None:
         """IRS_inf of real data at the sampling rate of ``n_samples`` (valid) synthetic samples.
@@ -412,17 +496,17 @@ class ReferenceBank:
     # ----------------------------------------------------------------------- files
 
     def save(self, path) -> Path:
-        """Write features and metadata to one ``.safetensors`` file (atomically)."""
-        from safetensors.torch import save_file
-
+        """Write features and metadata to one ``.safetensors`` file (atomically, streamed in row
+        chunks: no in-memory copy of the features, unlike ``safetensors.torch.save_file``)."""
         path = expand_path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"reference bank files end in .safetensors, got {str(path)!r}")
+        self.duplicate_count  # noqa: B018 -- counted into the metadata before it is written
         tensors = {"features": self.features}
         if self.real_nearest is not None:
             tensors["real_nearest"] = self.real_nearest
         metadata = {METADATA_KEY: json.dumps(self.metadata)}
-        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return write_atomic(path, lambda tmp: _write_safetensors(tmp, tensors, metadata))
 
     @staticmethod
     def read_metadata(path) -> dict:
@@ -457,7 +541,7 @@ class ReferenceBank:
             diffs = _differences(meta, _jsonable(expect))
             if diffs:
                 raise ValueError(f"reference bank {str(path)!r} does not match what is asked for: " + "; ".join(diffs))
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # memory-mapped: each tensor read once
             features = handle.get_tensor("features")
             real_nearest = handle.get_tensor("real_nearest") if "real_nearest" in handle.keys() else None
         if tuple(features.shape) != (meta["n_train"], meta["dim"]):
@@ -466,19 +550,41 @@ class ReferenceBank:
         return cls(features, distance=meta["distance"], extractor_identity=meta["extractor"],
                    real=_estimate_from_dict(meta.get("real")), metadata=meta, real_nearest=real_nearest)
 
+    @classmethod
+    def read_features(cls, path, rows: slice | None = None) -> torch.Tensor:
+        """Rows ``rows`` (a slice; default all) of a saved bank's features, reading only those
+        bytes: e.g. a rank's shard for :class:`~irs_callbacks.retrieval.ShardedFeatureBank`
+        (``slice(*shard_range(n_train, world, rank))``, ``n_train`` from :meth:`read_metadata`)."""
+        from safetensors import safe_open
+
+        meta = cls.read_metadata(path)
+        rows = slice(None) if rows is None else rows
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows must be a contiguous slice such as slice(0, 1000), got {rows!r}")
+        with safe_open(str(path), framework="pt") as handle:
+            part = handle.get_slice("features")
+            if tuple(part.get_shape()) != (meta["n_train"], meta["dim"]):
+                raise ValueError(f"reference bank {str(path)!r} is corrupt: features {tuple(part.get_shape())}, "
+                                 f"metadata says ({meta['n_train']}, {meta['dim']})")
+            return part[rows]
+
     # ----------------------------------------------------------------------- building
 
     @classmethod
     def from_features(cls, features, *, reference_features=None, distance="euclidean", extractor_identity=None,
                       seed=0, alpha_e=0.05, measure=True, device=None, metadata=None) -> "ReferenceBank":
         """A bank from precomputed training features (and optional held-out real features)."""
-        features = _check_train_finite(_check_features(features, "features"))
+        features = _check_features(features, "features")
         _check_distance(distance)
-        real, info, nearest = (_measure_real(features, reference_features, distance=distance, seed=seed,
-                                             alpha_e=alpha_e, device=device) if measure else (None, None, None))
-        meta = {**(metadata or {}), "real_measurement": info}
-        return cls(features, distance=distance, extractor_identity=extractor_identity, real=real, metadata=meta,
-                   real_nearest=nearest)
+        bank = cls(features, distance=distance, extractor_identity=extractor_identity,
+                   metadata={**(metadata or {}), "real_measurement": None})
+        if measure:  # the training bank is built once, on `device`, and stays cached for scoring
+            real, info, nearest = _measure_real(bank.features, reference_features, distance=distance, seed=seed,
+                                                alpha_e=alpha_e, bank=bank.bank(device=device))
+            bank.real, bank.real_nearest = real, nearest
+            bank.metadata.update(real=real.as_dict(), real_measurement=info)
+        bank.duplicate_count  # noqa: B018 -- counted by that bank (on its device) into the metadata
+        return bank
 
     @classmethod
     def build(cls, train, *, extractor=DEFAULT_EXTRACTOR, reference=None, distance="euclidean", batch_size=64,

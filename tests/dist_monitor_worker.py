@@ -62,7 +62,8 @@ def main(out):
     monitor.close()
     history = [{k: v for k, v in r.items() if k != "timing"} for r in monitor.history]
     result = {"rank": acc.process_index, "world": acc.num_processes, "history": history, "stopped_at": stopped_at,
-              "seen": sampler.seen, "history_file": str(monitor.history_file) if monitor.history_file else None}
+              "seen": sampler.seen, "history_file": str(monitor.history_file) if monitor.history_file else None,
+              "search": type(monitor.engine.reference.search).__name__}
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
     acc.end_training()
 

@@ -25,7 +25,8 @@ def free_port() -> int:
 
 
 def run(out, processes, mode="shard"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    # a CPU (gloo) test wherever it runs: with a GPU visible, --multi_gpu would put ranks on it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "CUDA_VISIBLE_DEVICES": ""}
     if processes == 1:
         cmd = [sys.executable, str(WORKER), str(out), mode]
     else:
@@ -51,6 +52,7 @@ def replicated(tmp_path_factory):
 def test_two_processes_with_a_sharded_bank_equal_one(runs):
     (single,), (r0, r1), _ = runs
     assert r0["world"] == 2 and r1["world"] == 2
+    assert r0["search"] == r1["search"] == "ShardedFeatureBank" and single["search"] == "FeatureBank"
     assert [h["verdict"] for h in single["history"]] == ["reject", "pass", "reject", "reject"]
     assert r0["history"] == single["history"]  # verdicts, counts, curves, estimates: identical
     assert r1["history"] == single["history"]  # every rank holds the same learned set and decisions
@@ -59,6 +61,7 @@ def test_two_processes_with_a_sharded_bank_equal_one(runs):
 
 def test_a_full_copy_per_process_gives_the_same(runs, replicated):
     (single,), _, _ = runs
+    assert replicated[0]["search"] == "FeatureBank"
     assert replicated[0]["history"] == replicated[1]["history"] == single["history"]
 
 

@@ -157,7 +157,7 @@ def test_local_weights_file_round_trip(tmp_path, digits_uint8):
 
     st_path = tmp_path / "inception.safetensors"
     save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(st_path))
-    assert torch.equal(get_extractor("inception", weights=st_path, input_size=SMALL)(digits_uint8),
+    assert torch.equal(get_extractor("inception", weights=st_path, input_size=SMALL, device="cpu")(digits_uint8),
                        source(digits_uint8))
 
 
