@@ -52,8 +52,6 @@ class EvaluationRecord(Mapping):
     n_invalid: int = _doc("int", "samples with NaN/Inf values (counted as failures, never learned)")
     n_train: int = _doc("int", "training images in the reference bank (N_train)")
     k_min: int = _doc("int", "Eq. 10 threshold for the full budget at alpha_e (what irs threshold prints)")
-    k_final: int = _doc("int", "the threshold the last look uses: reject iff N_learned <= k_final after the whole "
-                               "budget (k_min, or lower by the error the interim looks may spend)")
     target_irs: float = _doc("float", "target diversity IRS_d, relative to real data when real_irs is known")
     target_s: float = _doc("float", "target in images: s_d = target_irs * real_irs * n_train")
     alpha_e: float = _doc("float", "error probability of a wrong rejection")
@@ -71,6 +69,9 @@ class EvaluationRecord(Mapping):
     real_matching: str | None = _doc("str", "how samples and real data were brought to one sampling rate for "
                                             "adjusted (which side was subsampled, the alpha, the set sizes)",
                                      default=None)
+    k_final: int | None = _doc("int", "the threshold the last look uses: reject iff N_learned <= k_final after the "
+                                      "whole budget (k_min, or lower by the error the interim looks may spend)",
+                               default=None)
     seed: int = _doc("int", "sampling seed of the evaluation", default=0)
     timing: dict = _doc("dict", "seconds: sampling, features, retrieval, logging, monitor (everything but "
                                 "sampling and features), total", default=None)

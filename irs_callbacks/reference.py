@@ -77,6 +77,7 @@ __all__ = ["ReferenceBank", "RetrievalScore", "measure_real", "split_for_real", 
 FORMAT = "irs-reference-bank"
 FORMAT_VERSION = 1
 METADATA_KEY = "irs_reference"
+REQUIRED_METADATA = ("n_train", "dim", "distance", "extractor")  # what load() reads
 DISTANCES = ("euclidean", "cosine")
 SPLIT_LIMIT, SPLIT_QUERIES_LARGE = 100_000, 50_000
 SUBSET_REPEATS, SUBSET_SEED = 32, 0  # subsampling to a common alpha (module docstring)
@@ -513,7 +514,7 @@ class ReferenceBank:
         """The JSON metadata of a saved bank (without reading the features)."""
         from safetensors import safe_open
 
-        path = Path(path)
+        path = expand_path(path, "reference bank")
         if not path.is_file():
             raise ValueError(f"reference bank {str(path)!r} does not exist")
         try:
@@ -527,6 +528,10 @@ class ReferenceBank:
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{str(path)!r} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                              f"this library reads {FORMAT!r} version {FORMAT_VERSION}")
+        missing = [key for key in REQUIRED_METADATA if key not in meta]
+        if missing:
+            raise ValueError(f"reference bank {str(path)!r} lacks metadata {', '.join(missing)}: it was not written by "
+                             "ReferenceBank.save (or was edited); rebuild it with `irs reference build`")
         return meta
 
     @classmethod
@@ -624,7 +629,7 @@ class ReferenceBank:
         cache_path = None
         if cache_dir is not None:
             digest = hashlib.sha256(json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:24]
-            cache_path = Path(cache_dir) / f"reference-{digest}.safetensors"
+            cache_path = expand_path(cache_dir, "cache_dir") / f"reference-{digest}.safetensors"
             if cache_path.is_file():
                 try:
                     return cls.load(cache_path, expect=key)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import gammaln
 
-from irs_callbacks.validation import check_fraction, check_int, check_probability
+from irs_callbacks.validation import check_fraction, check_int, check_positive, check_probability
 
 __all__ = [
     "EXACT_STIRLING_MAX_N",
@@ -654,8 +654,8 @@ class SequentialRejectionTest:
         if not 0.0 <= self.interim_alpha < self.alpha_e:
             raise ValueError(f"interim_alpha must be in [0, alpha_e) = [0, {self.alpha_e}), got {interim_alpha!r}")
         self.pass_alpha = None if pass_alpha is None else check_probability(pass_alpha, "pass_alpha")
-        self.spending_exponent = _check_exponent(spending_exponent, "spending_exponent")
-        self.pass_spending_exponent = _check_exponent(pass_spending_exponent, "pass_spending_exponent")
+        self.spending_exponent = check_positive(spending_exponent, "spending_exponent")
+        self.pass_spending_exponent = check_positive(pass_spending_exponent, "pass_spending_exponent")
         if look_every is not None:
             check_int(look_every, "look_every", 1)
 
@@ -725,8 +725,3 @@ class SequentialRejectionTest:
         )
 
 
-def _check_exponent(value, name: str) -> float:
-    """A spending exponent: a finite number > 0 (error spent by the fraction t of the budget ~ t**value)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0 (the error spent by t ~ t**{name}), got {value!r}")
-    return float(value)

@@ -15,7 +15,7 @@ import math
 import numbers
 import operator
 
-__all__ = ["check_int", "check_probability", "check_fraction", "check_choice", "check_value_range"]
+__all__ = ["check_int", "check_probability", "check_fraction", "check_positive", "check_choice", "check_value_range"]
 
 
 def check_int(value, name: str, minimum: int | None = 0) -> int:
@@ -60,6 +60,15 @@ def check_fraction(value, name: str) -> float:
     expected = "a number in (0, 1]"
     value = _real(value, name, expected)
     if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_positive(value, name: str) -> float:
+    """``value`` as a finite float > 0 (an exponent, a scale)."""
+    expected = "a finite number > 0"
+    value = _real(value, name, expected)
+    if not value > 0.0:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
 

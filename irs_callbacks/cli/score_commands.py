@@ -136,17 +136,6 @@ def _path(value, option: str):
     return None if value is None else expand_path(value, option)
 
 
-def _load_bank(path, expect=None):
-    """ReferenceBank.load with a one-line error for a bank that lacks a metadata field."""
-    from irs_callbacks.reference import ReferenceBank
-
-    try:
-        return ReferenceBank.load(path, expect=expect)
-    except KeyError as error:
-        raise ValueError(f"reference bank {str(path)!r} lacks the metadata field {error.args[0]!r} (damaged, or "
-                         "written by another tool): rebuild it with `irs reference build`") from None
-
-
 def _extract(extractor, data, args, value_range):
     """extract_features, with the command-line spelling of a value-range fix."""
     from irs_callbacks.features import ValueRangeError, extract_features
@@ -257,7 +246,7 @@ def _score(args) -> int:
         expect = {"extractor": extractor.identity}
         if args.distance is not None:
             expect["distance"] = args.distance
-        bank = _load_bank(args.train, expect)
+        bank = ReferenceBank.load(args.train, expect=expect)
     else:
         extractor = _make_extractor(args)
         try:
