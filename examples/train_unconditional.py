@@ -45,19 +45,22 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=8, help="training resolution (digits are 8x8)")
     p.add_argument("--channels", type=int, default=None, help="image channels (default: 1 for digits, 3 for a folder)")
     p.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--lr-warmup-steps", type=int, default=50)
-    p.add_argument("--use-ema", action="store_true", help="keep EMA weights (and sample with them)")
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--checkpointing-steps", type=int, default=200, help="also the IRS evaluation interval")
+    p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep EMA weights; the monitor samples with them and unet/ holds them")
+    p.add_argument("--ema-max-decay", type=float, default=0.9999,
+                   help="EMA decay ceiling; with warm-up the decay at step t is min(this, 1 - (1 + t)^-power)")
+    p.add_argument("--ema-power", type=float, default=2 / 3, help="EMA warm-up power")
+    p.add_argument("--checkpointing-steps", type=int, default=500, help="also the IRS evaluation interval")
     p.add_argument("--resume-from-checkpoint", default=None, help='a checkpoint dir, or "latest"')
     # monitor
     p.add_argument("--num-samples", type=int, default=600, help="IRS budget: samples per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=100,
                    help="samples per round (all processes); the verdict may come after any round")
-    p.add_argument("--num-inference-steps", type=int, default=10, help="DDIM steps when monitoring")
+    p.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps of the monitor's sampler")
     p.add_argument("--target-irs", type=float, default=0.8, help="target diversity relative to real data")
     p.add_argument("--patience", type=int, default=None, help="stop after this many consecutive rejections")
     p.add_argument("--start-step", type=int, default=0, help="warm-up: no evaluation before this step")
@@ -69,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest for the small default model on a shared CPU; 0 = torch's default")
     return p.parse_args(argv)
 
 
@@ -109,6 +114,8 @@ def digits_dataset(resolution: int) -> torch.utils.data.TensorDataset:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("irs_callbacks").setLevel(logging.INFO)  # one line per IRS evaluation
@@ -133,7 +140,8 @@ def main(argv=None):
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
+    ema = (EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power)
+           if args.use_ema else None)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -202,6 +210,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     monitor.close()
     if accelerator.is_main_process:
+        if ema is not None:  # the weights the monitor evaluated
+            ema.copy_to(model.parameters())
         accelerator.unwrap_model(model).save_pretrained(str(out / "unet"))
         for r in monitor.history:
             adj = "n/a" if r["adjusted"] is None else f"{r['adjusted']:.3f}"
