@@ -26,7 +26,8 @@ Inception v3, the same network that gives the pseudo-labels), against all N trai
   used as they are. With N ~ 2k samples in d = 2048 FID is biased upwards: compare arms of one run only;
 - condition hits: the fraction of samples whose nearest training image is the image whose feature they were
   conditioned on (DiADM's mechanism at work; chance is 1/N; for the unconditional arm the same "cycle" indices
-  are used, so its value is the chance level).
+  are used, so its value is the chance level); same digit: the fraction whose nearest training image shows the
+  same digit as the conditioning image (chance about 0.1): whether the condition steers at least the class.
 
 Per seed the two arms are paired (same seed); the conclusion is drawn from the paired differences
 DiADM - unconditional with a two-sided 95 % Student-t interval over seeds: "higher" / "lower" only when the
@@ -81,17 +82,19 @@ def parse_args(argv=None):
                    help="seconds for the whole run; caps the steps (default: none on cpu, 330 on cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "diadm-bench-cache"))
+    p.add_argument("--save-dir", default=None, help="save each arm's EMA pipeline as SAVE_DIR/<arm>-seed<k>")
     return p.parse_args(argv)
 
 
-def digits(resolution: int) -> torch.Tensor:
-    """sklearn's 1,797 digits as float32 [N, 1, r, r] in [0, 1] (bilinear when r != 8)."""
+def digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 1,797 digits as float32 [N, 1, r, r] in [0, 1] (bilinear when r != 8), and their labels [N]."""
     from sklearn.datasets import load_digits
 
-    x = torch.from_numpy(load_digits().images).float().div(16.0).unsqueeze(1)
+    data = load_digits()
+    x = torch.from_numpy(data.images).float().div(16.0).unsqueeze(1)
     if resolution != 8:
         x = torch.nn.functional.interpolate(x, size=resolution, mode="bilinear", align_corners=False).clamp(0, 1)
-    return x
+    return x, torch.from_numpy(data.target)
 
 
 def unet_config(cfg: dict) -> dict:
@@ -176,6 +179,20 @@ class Run:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
+    def save(self, path: str) -> None:
+        """The EMA weights as a ``DiADMPipeline`` (DDIM scheduler, the training features as its bank)."""
+        from diffusers import DDIMScheduler
+
+        from diadm import DiADMPipeline
+
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        try:
+            DiADMPipeline(self.model, DDIMScheduler.from_config(self.noise_scheduler.config),
+                          self.dataset.bank.features).save_pretrained(path)
+        finally:
+            self.ema.restore(self.model.parameters())
+
     def sample(self, n: int, inference_steps: int):
         """n images in [0, 1] with the EMA weights; returns (images, condition indices of the cycle)."""
         from diffusers import DDIMScheduler
@@ -241,7 +258,7 @@ def main(argv=None):
     from irs_callbacks.features import extract_features, get_extractor
 
     t0 = time.perf_counter()
-    images = digits(cfg["resolution"])
+    images, labels = digits(cfg["resolution"])
     options = {"input_size": cfg["extractor_input_size"]} if cfg["extractor_input_size"] else {}
     extractor = get_extractor("random-inception", device=device, **options)
     dataset = PseudoLabelDataset(torch.utils.data.TensorDataset(images * 2 - 1), extractor, feature_source=images,
@@ -278,15 +295,18 @@ def main(argv=None):
             score = bank.score(feats, device=device)
             nearest = bank.bank(device=device).search(feats.to(device))[0].cpu()
             hits = float((nearest == indices).float().mean())
+            same_digit = float((labels[nearest] == labels[indices]).float().mean())
             fid = fid_on_features(bank.extractor_identity, bank.features, feats)
             est, real = score.irs_inf, score.real
             row = dict(seed=seed, adjusted=score.adjusted, lower=est.lower / real.estimate,
-                       upper=est.upper / real.estimate, irs_inf=est.estimate, fid=fid, hits=hits,
+                       upper=est.upper / real.estimate, irs_inf=est.estimate, fid=fid, hits=hits, same_digit=same_digit,
                        train_s=train_s, eval_s=time.perf_counter() - t1)
             results[arm].append(row)
             print(f"seed {seed} {arm:13s} train {train_s:5.0f} s  IRS_inf {est.estimate:.3f}  IRS_inf,a "
                   f"{row['adjusted']:.3f} [{row['lower']:.3f}, {row['upper']:.3f}]  FID {fid:.1f}  "
-                  f"condition hits {hits:.3f}", flush=True)
+                  f"condition hits {hits:.3f}  same digit {same_digit:.3f}", flush=True)
+            if args.save_dir:
+                run.save(os.path.join(args.save_dir, f"{arm}-seed{seed}"))
             del run
 
     fid_note = ("features as given (calibrated extractor)" if "calibration" in bank.extractor_identity
@@ -302,8 +322,8 @@ def main(argv=None):
           f"{args.threads}); total {time.perf_counter() - t0:.0f} s")
     print()
     print("| arm | IRS_inf,a mean +- sd | per seed [interval] | FID mean +- sd | per seed | condition hits | "
-          "train s |")
-    print("|---|---|---|---|---|---|---|")
+          "same digit | train s |")
+    print("|---|---|---|---|---|---|---|---|")
     for arm in ARMS:
         rows = results[arm]
         adj, fids = [r["adjusted"] for r in rows], [r["fid"] for r in rows]
@@ -311,8 +331,9 @@ def main(argv=None):
         print(f"| {arm} | {np.mean(adj):.3f} +- {sd(adj):.3f} | "
               + ", ".join(f"{r['adjusted']:.3f} [{r['lower']:.3f}, {r['upper']:.3f}]" for r in rows)
               + f" | {np.mean(fids):.1f} +- {sd(fids):.1f} | " + ", ".join(f"{f:.1f}" for f in fids)
-              + f" | {np.mean([r['hits'] for r in rows]):.4f} | {np.mean([r['train_s'] for r in rows]):.0f} |")
-    print(f"| real (held-out half of train) | 1 | IRS_inf(real) {bank.real} | - | - | - | - |")
+              + f" | {np.mean([r['hits'] for r in rows]):.4f} | {np.mean([r['same_digit'] for r in rows]):.3f} | "
+              f"{np.mean([r['train_s'] for r in rows]):.0f} |")
+    print(f"| real (held-out half of train) | 1 | IRS_inf(real) {bank.real} | - | - | - | - | - |")
     d_adj = [d["adjusted"] - u["adjusted"] for d, u in zip(results["DiADM"], results["unconditional"])]
     d_fid = [d["fid"] - u["fid"] for d, u in zip(results["DiADM"], results["unconditional"])]
     m_adj, h_adj = t_interval(d_adj)
