@@ -2,18 +2,25 @@
 diversity monitor IRSMonitor added in three lines (marked ``# IRSMonitor:``).
 
 Default data: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, no download), a
-tiny UNet at 8x8, a few minutes on a laptop CPU. Every ``--checkpointing-steps`` the model is
+small UNet at 8x8 (channels 32, 64, no attention), the cosine noise schedule, EMA weights, 3,500
+steps: about 3.5 minutes on a 2-core CPU. Every ``--checkpointing-steps`` the model is
 checkpointed (``output_dir/checkpoint-<step>``, the diffusers convention) and evaluated: the
-monitor draws up to ``--num-samples`` DDIM samples, retrieves each one's nearest training image,
-and rejects the checkpoint if it cannot reach ``--target-irs`` of the diversity of real data.
-Rejected checkpoints are pruned (``--prune``) after the ledger ``irs_pruning_ledger.json`` has
-recorded why.
+monitor draws up to ``--num-samples`` DDIM samples (``--num-inference-steps``, with the EMA
+weights), retrieves each one's nearest training image, and rejects the checkpoint if it cannot
+reach ``--target-irs`` of the diversity of real data. Rejected checkpoints are pruned
+(``--prune``) after the ledger ``irs_pruning_ledger.json`` has recorded why.
+
+Recipe notes (digits, measured with the monitor's own scores): EMA weights, 50 rather than 10
+DDIM steps and training past 2,000 steps each raised the adjusted IRS by 0.1-0.3; the cosine
+schedule scored higher than the linear one at equal steps, and dropping the attention blocks cost
+nothing at 8x8 and made steps about 20 % cheaper.
 
     python examples/train_unconditional.py --output-dir runs/digits
     tensorboard --logdir runs/digits/logs
     # any image folder, on GPUs:
     accelerate launch examples/train_unconditional.py --data-dir path/to/images --resolution 32 \\
-        --output-dir runs/mine --train-steps 20000 --checkpointing-steps 1000 --num-samples 5000
+        --block-out-channels 64 128 256 --attention --threads 0 --output-dir runs/mine \\
+        --train-steps 20000 --checkpointing-steps 1000 --num-samples 5000
 
 Outputs in --output-dir: ``logs/`` (TensorBoard: loss and the ``irs/*`` tags), ``logs/
 irs_history.jsonl`` (one JSON object per evaluation), ``irs_pruning_ledger.json``, the surviving
@@ -45,7 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=8, help="training resolution (digits are 8x8)")
     p.add_argument("--channels", type=int, default=None, help="image channels (default: 1 for digits, 3 for a folder)")
     p.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--train-steps", type=int, default=3000)
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="self-attention in the lowest-resolution down/up blocks and the mid block")
+    p.add_argument("--beta-schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+                   help="DDPMScheduler noise schedule (squaredcos_cap_v2: the cosine schedule)")
+    p.add_argument("--train-steps", type=int, default=3500)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--lr-warmup-steps", type=int, default=50)
@@ -134,10 +145,10 @@ def main(argv=None):
     blocks = len(args.block_out_channels)
     model = UNet2DModel(
         sample_size=args.resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=tuple(args.block_out_channels), norm_num_groups=8,
-        down_block_types=("DownBlock2D",) * (blocks - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (blocks - 1))
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+        block_out_channels=tuple(args.block_out_channels), norm_num_groups=8, add_attention=args.attention,
+        down_block_types=("DownBlock2D",) * (blocks - 1) + ("AttnDownBlock2D" if args.attention else "DownBlock2D",),
+        up_block_types=("AttnUpBlock2D" if args.attention else "UpBlock2D",) + ("UpBlock2D",) * (blocks - 1))
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.beta_schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
     ema = (EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power)
