@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMAModel max decay (warm-up power 2/3)")
     p.add_argument("--condition-dropout", type=float, default=0.1)
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--pseudo-labels", choices=("random-inception", "pixels"), default="random-inception",
+                   help="the DiADM conditions: the scoring extractor's features (the method), or the raw pixels (a "
+                        "condition that pins down the training image; scores stay in the random-Inception space)")
     p.add_argument("--samples", type=int, default=None, help="samples per arm and seed (default N = 1797)")
     p.add_argument("--inference-steps", type=int, default=None, help="DDIM steps (default: the config's)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -263,7 +266,12 @@ def main(argv=None):
     extractor = get_extractor("random-inception", device=device, **options)
     dataset = PseudoLabelDataset(torch.utils.data.TensorDataset(images * 2 - 1), extractor, feature_source=images,
                                  value_range=(0, 1), cache_dir=args.cache_dir, device=device, progress=False)
-    bank = dataset.bank
+    bank = dataset.bank  # the scoring space
+    if args.pseudo_labels == "pixels":
+        from irs_callbacks.reference import ReferenceBank
+
+        pixels = ReferenceBank.from_features(images.flatten(1), extractor_identity={"name": "pixels"}, measure=False)
+        dataset = PseudoLabelDataset(dataset.dataset, bank=pixels)
     n = args.samples or len(dataset)
     print(f"features: {time.perf_counter() - t0:.0f} s; N = {bank.n_train}, d = {bank.dim}, real = {bank.real}",
           flush=True)
@@ -315,7 +323,8 @@ def main(argv=None):
     print(f"Digits {cfg['resolution']}x{cfg['resolution']} (N = {bank.n_train}), UNet {cfg['block_out_channels']} x "
           f"{cfg['layers_per_block']} layers, {steps} steps x batch {cfg['batch_size']} per arm, lr "
           f"{cfg['learning_rate']}, EMA {args.ema_decay}, detailed-balance timesteps, condition dropout "
-          f"{args.condition_dropout}, guidance {args.guidance_scale}, {n} samples per arm, DDIM "
+          f"{args.condition_dropout}, guidance {args.guidance_scale}, pseudo-labels {args.pseudo_labels}, {n} samples "
+          f"per arm, DDIM "
           f"{cfg['inference_steps']} steps, seeds {args.seeds}; random-Inception features at "
           f"{cfg['extractor_input_size'] or 299} px (d = {bank.dim}); FID on {fid_note}; "
           f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
