@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 SMALL = dict(resolution=8, block_out_channels=(32, 64), layers_per_block=1, attention=False, norm_num_groups=8,
-             steps=3000, batch_size=64, learning_rate=2e-3, inference_steps=50, extractor_input_size=75,
+             steps=6000, batch_size=64, learning_rate=2e-3, inference_steps=50, extractor_input_size=75,
              eval_batch_size=256, time_budget=None)
 # diffusers' UNet2DModel defaults (block_out_channels, layers_per_block, block types), at 32x32 with 1 channel
 LARGE = dict(resolution=32, block_out_channels=(224, 448, 672, 896), layers_per_block=2, attention=True,

@@ -24,7 +24,8 @@ nothing at 8x8 and made steps about 20 % cheaper.
 
 Outputs in --output-dir: ``logs/`` (TensorBoard: loss and the ``irs/*`` tags), ``logs/
 irs_history.jsonl`` (one JSON object per evaluation), ``irs_pruning_ledger.json``, the surviving
-``checkpoint-<step>`` directories and the final ``unet/``.
+``checkpoint-<step>`` directories and the final model as a ``DDPMPipeline`` folder (``model_index.json``,
+``unet/`` with the EMA weights, ``scheduler/``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from irs_callbacks import IRSMonitor
@@ -223,7 +224,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         if ema is not None:  # the weights the monitor evaluated
             ema.copy_to(model.parameters())
-        accelerator.unwrap_model(model).save_pretrained(str(out / "unet"))
+        # a DDPMPipeline folder (model_index.json, unet/, scheduler/): the weights and the noise schedule they need
+        DDPMPipeline(unet=accelerator.unwrap_model(model), scheduler=noise_scheduler).save_pretrained(str(out))
         for r in monitor.history:
             adj = "n/a" if r["adjusted"] is None else f"{r['adjusted']:.3f}"
             print(f"IRS step {r['step']:>6}: {r['verdict']:<6} ({r['rule']}) samples {r['samples_used']}/{r['budget']} "
