@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,7 +55,10 @@ def main() -> None:
 
     digits = torch.from_numpy(load_digits().images).float().div(16).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
     unet = UNet2DModel.from_pretrained(args.unet).eval()
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    schedule = Path(args.unet).parent / "scheduler"  # the noise schedule the example trained with, saved beside
+    scheduler = (DDIMScheduler.from_config(DDIMScheduler.load_config(schedule)) if schedule.is_dir()
+                 else DDIMScheduler(num_train_timesteps=1000))
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
 
     start = time.perf_counter()

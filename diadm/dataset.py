@@ -77,6 +77,9 @@ class PseudoLabelDataset(Dataset):
 
     features = property(lambda self: self.bank.features, doc="pseudo-labels [N, d], CPU float32")
     feature_dim = property(lambda self: self.bank.dim, doc="d, the extractor's feature dimension")
+    feature_mean = property(lambda self: self.bank.features.double().mean(0).float(),
+                            doc="mean pseudo-label [d] (float32, computed in float64): the centre of the conditions, "
+                                "``DiADMUNet2DModel(..., feature_mean=ds.feature_mean)``")
     extractor_identity = property(lambda self: self.bank.extractor_identity)
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
-from .conditioning import DiADMUNet2DModel, check_features, conditional_forward, feature_dim_of, normalize_features
+from .conditioning import DiADMUNet2DModel, check_features, conditional_forward, feature_dim_of
 
 __all__ = ["DiADMFeatureBank", "DiADMPipeline", "CONDITION_STRATEGIES"]
 
@@ -116,9 +116,11 @@ class DiADMPipeline(DiffusionPipeline):
 
         ``"cycle"`` walks seeded permutations of the whole bank (state kept across calls, see
         :meth:`reset_cycle`), so the first N draws use every training instance exactly once; ``"uniform"`` draws
-        indices with replacement from ``generator``; ``"perturb"`` draws like "uniform" and returns
-        ``normalize_features(f) + perturb_scale * noise`` with standard normal noise: the normalised features have
-        unit RMS per entry, so ``perturb_scale`` is the noise-to-signal ratio per entry (default 0.1).
+        indices with replacement from ``generator``; ``"perturb"`` draws like "uniform" and adds noise so that the
+        model's normalised condition is ``n + perturb_scale * noise`` (renormalised), ``n`` the normalised
+        feature (:func:`~diadm.conditioning.normalize_features`, centred with the model's ``feature_mean``) and the
+        noise standard normal: ``perturb_scale`` is the noise-to-signal ratio per entry (default 0.1). Conditions
+        are returned in the raw feature space, like the bank's.
         """
         if condition_strategy not in CONDITION_STRATEGIES:
             raise ValueError(f"condition_strategy must be one of {CONDITION_STRATEGIES}, got {condition_strategy!r}")
@@ -134,7 +136,10 @@ class DiADMPipeline(DiffusionPipeline):
             if not perturb_scale >= 0:
                 raise ValueError(f"perturb_scale must be >= 0, got {perturb_scale!r}")
             noise = torch.randn(features.shape, generator=gen, device=gen_device).to(features.device)
-            features = normalize_features(features) + perturb_scale * noise
+            mean = getattr(self.unet, "feature_mean", None)
+            centred = features - mean.to(features.device, features.dtype) if mean is not None else features
+            rms = centred.norm(dim=1, keepdim=True) / features.shape[1] ** 0.5  # normalised = centred / rms
+            features = features + perturb_scale * rms * noise
         return indices, features
 
     def _predict(self, sample, t, features, guidance_scale):

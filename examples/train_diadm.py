@@ -60,7 +60,7 @@ def train(dataset, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
     from diadm import DetailedBalanceNoiseSampler, DiADMPipeline, DiADMUNet2DModel
 
     torch.manual_seed(seed)
-    model = DiADMUNet2DModel(unet_config=UNET_CONFIG, feature_dim=dataset.feature_dim)
+    model = DiADMUNet2DModel(unet_config=UNET_CONFIG, feature_dim=dataset.feature_dim, feature_mean=dataset.feature_mean)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     noise_sampler = DetailedBalanceNoiseSampler()  # DiADM: detailed-balance noise levels (line 1 of 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -2,22 +2,30 @@
 diversity monitor IRSMonitor added (its lines are marked ``# IRSMonitor:``).
 
 Default data: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, no download), a
-tiny UNet at 8x8, a few minutes on a laptop CPU. Every ``--checkpointing-steps`` the model is
+small UNet at 8x8 (channels 32, 64, no attention), the cosine noise schedule, EMA weights, 3,500
+steps: about 3.5 minutes on a 2-core CPU. Every ``--checkpointing-steps`` the model is
 checkpointed (``output_dir/checkpoint-<step>``, the diffusers convention) and evaluated: the
-monitor draws up to ``--num-samples`` DDIM samples, retrieves each one's nearest training image,
-and rejects the checkpoint if it cannot reach ``--target-irs`` of the diversity of real data.
-Rejected checkpoints are pruned (``--prune``) after the ledger ``irs_pruning_ledger.json`` has
-recorded why.
+monitor draws up to ``--num-samples`` DDIM samples (``--num-inference-steps``, with the EMA
+weights), retrieves each one's nearest training image, and rejects the checkpoint if it cannot
+reach ``--target-irs`` of the diversity of real data. Rejected checkpoints are pruned
+(``--prune``) after the ledger ``irs_pruning_ledger.json`` has recorded why.
+
+Recipe notes (digits, measured with the monitor's own scores): EMA weights, 50 rather than 10
+DDIM steps and training past 2,000 steps each raised the adjusted IRS by 0.1-0.3; the cosine
+schedule scored higher than the linear one at equal steps, and dropping the attention blocks cost
+nothing at 8x8 and made steps about 20 % cheaper.
 
     python examples/train_unconditional.py --output-dir runs/digits
     tensorboard --logdir runs/digits/logs
     # any image folder, on GPUs:
     accelerate launch examples/train_unconditional.py --data-dir path/to/images --resolution 32 \\
-        --output-dir runs/mine --train-steps 20000 --checkpointing-steps 1000 --num-samples 5000
+        --block-out-channels 64 128 256 --attention --threads 0 --output-dir runs/mine \\
+        --train-steps 20000 --checkpointing-steps 1000 --num-samples 5000
 
 Outputs in --output-dir: ``logs/`` (TensorBoard: loss and the ``irs/*`` tags), ``logs/
 irs_history.jsonl`` (one JSON object per evaluation), ``irs_pruning_ledger.json``, the surviving
-``checkpoint-<step>`` directories and the final ``unet/``.
+``checkpoint-<step>`` directories and the final model as a ``DDPMPipeline`` folder (``model_index.json``,
+``unet/`` with the EMA weights, ``scheduler/``).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from irs_callbacks import (CheckpointPruner, IRSMonitor, MonitorOptions, PipelineSampler, ReferenceConfig,
@@ -46,19 +54,26 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=8, help="training resolution (digits are 8x8)")
     p.add_argument("--channels", type=int, default=None, help="image channels (default: 1 for digits, 3 for a folder)")
     p.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="self-attention in the lowest-resolution down/up blocks and the mid block")
+    p.add_argument("--beta-schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+                   help="DDPMScheduler noise schedule (squaredcos_cap_v2: the cosine schedule)")
+    p.add_argument("--train-steps", type=int, default=3500)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--lr-warmup-steps", type=int, default=50)
-    p.add_argument("--use-ema", action="store_true", help="keep EMA weights (and sample with them)")
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--checkpointing-steps", type=int, default=200, help="also the IRS evaluation interval")
+    p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep EMA weights; the monitor samples with them and unet/ holds them")
+    p.add_argument("--ema-max-decay", type=float, default=0.9999,
+                   help="EMA decay ceiling; with warm-up the decay at step t is min(this, 1 - (1 + t)^-power)")
+    p.add_argument("--ema-power", type=float, default=2 / 3, help="EMA warm-up power")
+    p.add_argument("--checkpointing-steps", type=int, default=500, help="also the IRS evaluation interval")
     p.add_argument("--resume-from-checkpoint", default=None, help='a checkpoint dir, or "latest"')
     # monitor
     p.add_argument("--num-samples", type=int, default=600, help="IRS budget: samples per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=100,
                    help="samples per round (all processes); the verdict may come after any round")
-    p.add_argument("--num-inference-steps", type=int, default=10, help="DDIM steps when monitoring")
+    p.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps of the monitor's sampler")
     p.add_argument("--target-irs", type=float, default=0.8, help="target diversity relative to real data")
     p.add_argument("--patience", type=int, default=None, help="stop after this many consecutive rejections")
     p.add_argument("--start-step", type=int, default=0, help="warm-up: no evaluation before this step")
@@ -70,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest for the small default model on a shared CPU; 0 = torch's default")
     return p.parse_args(argv)
 
 
@@ -110,6 +127,8 @@ def digits_dataset(resolution: int) -> torch.utils.data.TensorDataset:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("irs_callbacks").setLevel(logging.INFO)  # one line per IRS evaluation
@@ -128,13 +147,14 @@ def main(argv=None):
     blocks = len(args.block_out_channels)
     model = UNet2DModel(
         sample_size=args.resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=tuple(args.block_out_channels), norm_num_groups=8,
-        down_block_types=("DownBlock2D",) * (blocks - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (blocks - 1))
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+        block_out_channels=tuple(args.block_out_channels), norm_num_groups=8, add_attention=args.attention,
+        down_block_types=("DownBlock2D",) * (blocks - 1) + ("AttnDownBlock2D" if args.attention else "DownBlock2D",),
+        up_block_types=("AttnUpBlock2D" if args.attention else "UpBlock2D",) + ("UpBlock2D",) * (blocks - 1))
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.beta_schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
+    ema = (EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, power=args.ema_power)
+           if args.use_ema else None)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -201,7 +221,10 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     monitor.close()  # IRSMonitor: last checkpoint, pruning, images written before end_training
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(out / "unet"))
+        if ema is not None:  # the weights the monitor evaluated
+            ema.copy_to(model.parameters())
+        # a DDPMPipeline folder (model_index.json, unet/, scheduler/): the weights and the noise schedule they need
+        DDPMPipeline(unet=accelerator.unwrap_model(model), scheduler=noise_scheduler).save_pretrained(str(out))
         for r in monitor.history:
             adj = "n/a" if r["adjusted"] is None else f"{r['adjusted']:.3f}"
             print(f"IRS step {r['step']:>6}: {r['verdict']:<6} ({r['rule']}) samples {r['samples_used']}/{r['budget']} "

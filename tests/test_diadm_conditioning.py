@@ -47,6 +47,30 @@ def test_normalize_features_unit_rms_and_zero_row():
     torch.testing.assert_close(normalize_features(f * 123.0), n)
 
 
+def test_normalize_features_centred():
+    f = torch.tensor([[4.0, 6.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 1.0, 1.0]])
+    center = torch.tensor([1.0, 2.0, 1.0, 1.0])
+    n = normalize_features(f, center=center)
+    torch.testing.assert_close(n[0], torch.tensor([3.0, 4.0, 0.0, 0.0]) / 5 * 2)  # (f - c) / |f - c| * sqrt(d)
+    torch.testing.assert_close(n[2], torch.tensor([0.0, 1.0, 0.0, 0.0]) * 2)
+    assert torch.equal(n[1], torch.zeros(4))  # the unconditional row is not moved
+    with pytest.raises(ValueError, match="center"):
+        normalize_features(f, center=torch.zeros(3))
+
+
+def test_centring_separates_features_with_a_common_component():
+    # extractor-like features: a large shared vector plus small per-image parts (random Inception on digits:
+    # mean cosine 0.992 between different images)
+    g = torch.Generator().manual_seed(0)
+    common, parts = torch.rand(64, generator=g) * 10, torch.randn(50, 64, generator=g)
+    f = common + parts
+    cos = lambda x: (x @ x.T / x.shape[1])[~torch.eye(len(x), dtype=torch.bool)]  # noqa: E731 (unit-RMS rows)
+    assert cos(normalize_features(f)).mean() > 0.9
+    centred = normalize_features(f, center=f.mean(0))
+    assert cos(centred).abs().mean() < 0.15
+    torch.testing.assert_close(centred, normalize_features(parts - parts.mean(0)))
+
+
 def test_bad_features_give_clear_errors():
     with pytest.raises(ValueError, match="NaN"):
         normalize_features(torch.tensor([[1.0, float("nan")]]))
@@ -124,6 +148,16 @@ def test_unet2d_wrapper_matches_manual_composition():
         emb = model.feature_projection(f / f.norm(dim=1, keepdim=True) * math.sqrt(D))
         manual = model.unet(x, t, class_labels=emb).sample
         torch.testing.assert_close(model(x, t, f).sample, manual)
+        # with a centre: the conditions are centred first; conditional_forward uses the model's centre
+        center = torch.linspace(-2, 2, D)
+        model.set_feature_mean(torch.stack([center - 1, center + 1]))  # training features: their mean is taken
+        torch.testing.assert_close(model.feature_mean, center)
+        c = f - center
+        emb = model.feature_projection(c / c.norm(dim=1, keepdim=True) * math.sqrt(D))
+        manual = model.unet(x, t, class_labels=emb).sample
+        torch.testing.assert_close(model(x, t, f).sample, manual)
+        torch.testing.assert_close(conditional_forward(model, x, t, f), manual)
+        assert torch.equal(model(x, t, torch.zeros_like(f)).sample, model(x, t, None).sample)
 
 
 def test_condition_dropout_only_in_training_mode():
@@ -139,16 +173,19 @@ def test_condition_dropout_only_in_training_mode():
 
 def test_unet2d_wrapper_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = _randomise_output(DiADMUNet2DModel(unet_config=UNET2D, feature_dim=D, condition_dropout=0.1)).eval()
+    model = _randomise_output(DiADMUNet2DModel(unet_config=UNET2D, feature_dim=D, condition_dropout=0.1,
+                                               feature_mean=torch.arange(D, dtype=torch.float32))).eval()
     x, t, f = _inputs()
     with torch.no_grad():
         before = model(x, t, f).sample
     model.save_pretrained(tmp_path)
+    assert "feature_mean" not in model.config
     loaded = DiADMUNet2DModel.from_pretrained(tmp_path).eval()
     assert loaded.config.feature_dim == D and loaded.config.condition_dropout == 0.1
     assert loaded.config.unet_config == model.config.unet_config
     state, state2 = model.state_dict(), loaded.state_dict()
     assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    assert torch.equal(loaded.feature_mean, torch.arange(D, dtype=torch.float32))
     with torch.no_grad():
         assert torch.equal(loaded(x, t, f).sample, before)
     # plain diffusers would silently drop the projection: loading the inner UNet alone loses it

@@ -6,7 +6,7 @@ import torch
 
 from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, UNet2DConditionModel
 
-from diadm.conditioning import DiADMUNet2DModel, conditional_forward, feature_class_embedding
+from diadm.conditioning import DiADMUNet2DModel, conditional_forward, feature_class_embedding, normalize_features
 from diadm.pipeline import DiADMFeatureBank, DiADMPipeline
 
 D, N = 6, 10
@@ -64,11 +64,12 @@ def test_uniform_and_perturb_strategies():
     counts = np.bincount(idx.numpy(), minlength=N)
     assert counts.min() > 120 and counts.max() < 280  # ~200 each, with replacement
     torch.testing.assert_close(feats, pipe.feature_bank.features[idx])
+    pipe.unet.set_feature_mean(pipe.feature_bank.features.mean(0) + 3.0)  # perturbation around the model's centre
     idx2, pert = pipe.draw_conditions(500, "perturb", torch.Generator().manual_seed(0), perturb_scale=0.1)
-    base = pipe.feature_bank.features[idx2]
-    base = base / base.norm(dim=1, keepdim=True) * D ** 0.5
-    residual = pert - base
-    assert abs(residual.std().item() - 0.1) < 0.01
+    center = pipe.unet.feature_mean
+    base = normalize_features(pipe.feature_bank.features[idx2], center=center)
+    residual = normalize_features(pert, center=center) * (1 + 0.1 ** 2) ** 0.5 - base  # undo the renormalisation
+    assert abs(residual.std().item() - 0.1) < 0.01 and abs(residual.mean().item()) < 0.01
     with pytest.raises(ValueError, match="condition_strategy"):
         pipe.draw_conditions(2, "random")
 
