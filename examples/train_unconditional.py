@@ -226,9 +226,10 @@ def main(argv=None):
         # a DDPMPipeline folder (model_index.json, unet/, scheduler/): the weights and the noise schedule they need
         DDPMPipeline(unet=accelerator.unwrap_model(model), scheduler=noise_scheduler).save_pretrained(str(out))
         for r in monitor.history:
-            adj = "n/a" if r["adjusted"] is None else f"{r['adjusted']:.3f}"
-            print(f"IRS step {r['step']:>6}: {r['verdict']:<6} ({r['rule']}) samples {r['samples_used']}/{r['budget']} "
-                  f"N_learned {r['n_learned']} k_min {r['k_min']} IRS_inf {r['estimate']} adjusted {adj}")
+            estimate = "n/a" if r.estimate is None else f"{r.estimate:.2%}"
+            adjusted = "n/a" if r.adjusted is None else f"{r.adjusted:.3f}"
+            print(f"IRS step {r.step:>6}: {r.verdict:<6} ({r.rule}) samples {r.samples_used}/{r.budget} "
+                  f"N_learned {r.n_learned} (final threshold {r.k_final}) IRS_inf {estimate} adjusted {adjusted}")
         ledger = out / "irs_pruning_ledger.json"
         if ledger.exists():
             import json
