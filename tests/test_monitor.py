@@ -144,6 +144,28 @@ def test_pipeline_sampler_leaves_training_state_alone(tmp_path, bank):
     torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-5)
 
 
+def test_an_evaluation_of_a_pipeline_is_quiet(tmp_path, bank, capfd):
+    """Five batches through a diffusers pipeline: no progress bar, no Python warning, no diffusers
+    warning; the only output is the library's verdict line (on the logger, not stderr here)."""
+    import warnings
+
+    pipe = tiny_pipeline()
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_monitor(tmp_path, bank=bank, num_samples=50, batch_size=10, tensorboard=False).evaluate(
+                PipelineSampler(pipe, num_inference_steps=2))
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught] == [] and [r.getMessage() for r in records] == []
+    assert "%|" not in capfd.readouterr().err  # the pipeline's tqdm bar stayed silent
+
+
 def test_ema_weights_are_used_for_sampling_and_training_weights_restored():
     from diffusers.training_utils import EMAModel
 
