@@ -113,6 +113,26 @@ def test_fixed_noise_by_default_new_noise_per_step_on_request(tmp_path, bank):
     assert not torch.equal(m2.evaluate(sampler, step=100).hits, m2.evaluate(sampler, step=200).hits)
 
 
+def next_draws() -> tuple:
+    """The next values of torch's, numpy's and Python's global random streams (exact floats)."""
+    return tuple(torch.rand(3).tolist()), tuple(np.random.rand(3).tolist()), random.random()
+
+
+def seed_streams(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def seed_streams_and_peek(seed: int) -> tuple:
+    """Seed the three global streams, return their next draws and seed them again: code run next
+    must leave the streams where they were (``next_draws() == result``)."""
+    seed_streams(seed)
+    expected = next_draws()
+    seed_streams(seed)
+    return expected
+
+
 def test_pipeline_sampler_leaves_training_state_alone(tmp_path, bank):
     unet = tiny_unet()
     unet.train()
@@ -120,18 +140,11 @@ def test_pipeline_sampler_leaves_training_state_alone(tmp_path, bank):
     pipe.set_progress_bar_config(leave=False)
     m = make_monitor(tmp_path, bank=bank, num_samples=40, batch_size=20)
     sampler = PipelineSampler(pipe, num_inference_steps=2)
-    torch.manual_seed(123)
-    np.random.seed(123)
-    random.seed(123)
-    expected = (torch.rand(3), np.random.rand(3), random.random())
-    torch.manual_seed(123)
-    np.random.seed(123)
-    random.seed(123)
+    expected = seed_streams_and_peek(123)
     flags = [mod.training for mod in unet.modules()]
     r1 = m.evaluate(sampler)
     assert [mod.training for mod in unet.modules()] == flags and unet.training
-    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
-    assert random.random() == expected[2]
+    assert next_draws() == expected
     # the user's pipeline object is untouched: its own progress-bar settings stay
     assert pipe._progress_bar_config == {"leave": False}
     assert sampler.generator_device == str(pipe.device)  # noise drawn where the model runs: no diffusers warning
@@ -308,16 +321,9 @@ def test_reference_bank_from_file_and_cache(tmp_path, bank):
 def test_reference_set_up_leaves_the_trainers_random_streams_alone(tmp_path):
     """An uncached bank build reads the data through a DataLoader (which draws a base seed): the
     global streams are exactly as before."""
-    torch.manual_seed(5)
-    np.random.seed(5)
-    random.seed(5)
-    expected = (torch.rand(2), np.random.rand(2), random.random())
-    torch.manual_seed(5)
-    np.random.seed(5)
-    random.seed(5)
+    expected = seed_streams_and_peek(5)
     make_monitor(tmp_path).prepare()
-    assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
-    assert random.random() == expected[2]
+    assert next_draws() == expected
 
 
 def test_one_verdict_line_per_evaluation_visible_without_logging_set_up(tmp_path):
