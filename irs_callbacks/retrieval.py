@@ -336,10 +336,11 @@ class FeatureBank:
     def resolve_backend(backend: str, device) -> str:
         """The backend ``"auto"`` resolves to.
 
-        Rule (measured with ``benchmarks/bench_retrieval.py``): the torch backend is used unless
-        faiss is asked for explicitly. On the 2-core development CPU (d = 2048, exact answers
-        for both) torch was 3.9x faster than faiss ``IndexFlatL2`` at N = 10,000 and 8x faster
-        at N = 100,000; the GPU case is unmeasured, so ``"auto"`` never switches to faiss.
+        Rule (measured with ``benchmarks/bench_retrieval.py``, README "Retrieval"): the torch
+        backend is used unless faiss is asked for explicitly. On the 2-core development CPU
+        (d = 2048, N = 10,000 and 100,000, exact answers for both) faiss' flat index was faster
+        than torch in two of four cells and slower in two, with no consistent pattern; the GPU
+        case is unmeasured, so ``"auto"`` never switches to faiss.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
