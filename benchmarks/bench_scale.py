@@ -17,9 +17,9 @@ same shape (bfloat16 on CUDA, float32 on CPU) timed in the same run.
     python benchmarks/bench_scale.py                          # CPU, N = 20,000 (under 2 minutes)
     python benchmarks/bench_scale.py --device cuda            # N = 1,281,166, budget 50,000, batches of 5,000
 
-The monitor is used only through its public API (``IRSMonitor(sampler=, reference_bank=,
-extractor=, num_samples=, batch_size=, target_irs=, device=)`` and ``evaluate()``), run inside a
-temporary working directory so that its default log folder does not litter the repository.
+The monitor is used only through its public API (``IRSMonitor(model, reference=ReferenceConfig(bank=,
+extractor=), num_samples=, batch_size=, target_irs=, log_dir=, options=MonitorOptions(device=))``,
+``evaluate()`` and ``close()``), logging into a temporary folder so that nothing litters the repository.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from irs_callbacks import IRSMonitor, ReferenceBank
+from irs_callbacks import IRSMonitor, MonitorOptions, ReferenceBank, ReferenceConfig
 from irs_callbacks.reference import measure_real
 from irs_callbacks.retrieval import FeatureBank
 from irs_callbacks.samplers import Sampler
@@ -126,7 +126,9 @@ def main():
     p.add_argument("--heldout", type=int, default=None, help="held-out real features (default min(N/4, 50,000))")
     p.add_argument("--coverage", type=float, nargs="+", default=[1.0, 0.85, 0.5, 0.1])
     p.add_argument("--target", type=float, default=0.8)
-    p.add_argument("--screen", default=None, help="screen dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--screen", default=None,
+                   help="screen dtype of the set-up parts and the bare search (default: the device's); the monitor "
+                        "always uses the device's default screen")
     p.add_argument("--noise", type=float, default=0.05, help="noise per dimension (rows are ~sqrt(2d) apart)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -161,8 +163,6 @@ def main():
     t_from, ref = timed(lambda: ReferenceBank.from_features(train, reference_features=held, device=device), device)
     print(f"set-up: ReferenceBank.from_features {t_from:.2f} s; real IRS_inf {ref.real.estimate:.4f} "
           f"[{ref.real.lower:.4f}, {ref.real.upper:.4f}]", flush=True)
-    if options:  # the monitor asks for the default bank: build the chosen one under that key too
-        ref._banks.clear()
 
     tflops_bare, bare_dtype = bare_product_tflops(batch, n, d, device, chunk=32768 if cuda else 8192)
     print(f"bare {bare_dtype} matrix product [{batch:,} x {d}] @ [{d} x {n:,}]: {tflops_bare:.2f} TFLOP/s", flush=True)
@@ -174,9 +174,11 @@ def main():
     try:
         for i, coverage in enumerate(args.coverage):
             model = CoverageModel(n, coverage, args.seed + 10 + i)
-            monitor = IRSMonitor(sampler=model, reference_bank=ref, extractor=extractor, num_samples=budget,
-                                 batch_size=batch, target_irs=args.target, device=device)
+            monitor = IRSMonitor(model, reference=ReferenceConfig(bank=ref, extractor=extractor), num_samples=budget,
+                                 batch_size=batch, target_irs=args.target, log_dir=workdir,
+                                 options=MonitorOptions(device=device, tensorboard=False, log_images=False))
             t_eval, result = timed(lambda: monitor.evaluate(step=None), device)
+            monitor.close()
             m = len(model.rows)
             valid = result.samples_used
             expect = expected_learned(m, valid)
@@ -185,7 +187,7 @@ def main():
             tflops = 2 * valid * n * d / t_ret / 1e12 if t_ret > 0 else float("nan")
             # the same samples through a bare FeatureBank.search (no sampling/extraction/statistics)
             feats = extractor(model.sample(list(range(valid)), result.seed).to(device))
-            fbank = ref.bank(device=device)
+            fbank = ref.bank(device=device, **options)
             fbank.search(feats[:batch])
             t_search = 0.0
             for s in range(0, valid, batch):

@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from irs_callbacks import stats
 from irs_callbacks.stats import SequentialRejectionTest
 
 TARGET, REAL, ALPHA, PASS_ALPHA = 0.8, 1.0, 0.05, 0.05
@@ -222,8 +221,7 @@ def timings(n_train, budget) -> dict:
     for setting, kwargs in (("off", {}), ("on", {"pass_alpha": PASS_ALPHA})):
         best = math.inf
         for _ in range(3):
-            stats._rejection_boundary.cache_clear()
-            stats._pass_boundary.cache_clear()
+            SequentialRejectionTest.clear_cache()
             t0 = time.perf_counter()
             test = SequentialRejectionTest(n_train, TARGET, budget, ALPHA, real_irs=REAL, **kwargs)
             best = min(best, time.perf_counter() - t0)

@@ -679,6 +679,13 @@ class SequentialRejectionTest:
         else:
             self._pass, self.pass_error = None, 0.0
 
+    @staticmethod
+    def clear_cache() -> None:
+        """Forget the threshold tables kept for the 16 latest configurations (instances with an equal
+        configuration share one table); the next construction computes its table again."""
+        _rejection_boundary.cache_clear()
+        _pass_boundary.cache_clear()
+
     def reject_threshold(self, n_drawn) -> int:
         """Reject after ``n_drawn`` samples iff N_learned <= this (every rule; -1: nothing yet)."""
         m = check_int(n_drawn, "n_drawn")

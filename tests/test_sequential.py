@@ -268,3 +268,16 @@ def test_bad_counts_and_cli_options_name_themselves(capsys):
         with pytest.raises(SystemExit):
             cli_main(["threshold", "--n-train", "100", "--target", "0.5", "--n-samples", "50", *extra])
         assert "--schedule" in capsys.readouterr().err
+
+
+def test_equal_configurations_share_one_table_until_the_cache_is_cleared():
+    from irs_callbacks.stats import _rejection_boundary
+
+    first = SequentialRejectionTest(1797, 0.8, 600, 0.05, real_irs=1.0)
+    hits = _rejection_boundary.cache_info().hits
+    SequentialRejectionTest(1797, 0.8, 600, 0.05, real_irs=1.0)
+    assert _rejection_boundary.cache_info().hits == hits + 1
+    SequentialRejectionTest.clear_cache()
+    assert _rejection_boundary.cache_info().currsize == 0
+    again = SequentialRejectionTest(1797, 0.8, 600, 0.05, real_irs=1.0)
+    assert [again.reject_threshold(m) for m in range(0, 601, 50)] == [first.reject_threshold(m) for m in range(0, 601, 50)]
