@@ -3,7 +3,7 @@ diversity monitor IRSMonitor added (its lines are marked ``# IRSMonitor:``).
 
 Default data: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, no download), a
 small UNet at 8x8 (channels 32, 64, no attention), the cosine noise schedule, EMA weights, 3,500
-steps: about 4 minutes on a 2-core CPU. Every ``--checkpointing-steps`` the model is
+steps: about 3.5 minutes on a 2-core CPU. Every ``--checkpointing-steps`` the model is
 checkpointed (``output_dir/checkpoint-<step>``, the diffusers convention) and evaluated: the
 monitor draws up to ``--num-samples`` DDIM samples (``--num-inference-steps``, with the EMA
 weights), retrieves each one's nearest training image, and rejects the checkpoint if it cannot
