@@ -236,6 +236,31 @@ def test_cli_schedule_prints_the_thresholds_per_look(capsys):
     assert capsys.readouterr().out.strip() == "48744"
 
 
+@pytest.mark.parametrize("interim", ["0", "0.01"])
+def test_cli_schedule_labels_each_look_with_the_rule_that_rejects_there(capsys, interim):
+    """Interim looks off: a look where nothing can be rejected yet prints "-", then the deterministic
+    bound; every labelled threshold is one the test itself rejects at, by that rule."""
+    args = ["threshold", "--n-train", "1797", "--target", "0.8", "--n-samples", "600", "--schedule", "122",
+            "--interim-alpha", interim]
+    assert cli_main([*args, "--json"]) == 0
+    looks = json.loads(capsys.readouterr().out)["looks"]
+    test = SequentialRejectionTest(1797, 0.8, 600, interim_alpha=float(interim))
+    for look in looks:
+        if look["reject_at_most"] < 0:
+            assert look["rule"] is None and look["min_repeats"] is None
+        else:
+            decision = test.decide(look["n_drawn"], look["reject_at_most"])
+            assert (decision.verdict, decision.rule) == ("reject", look["rule"])
+            assert test.decide(look["n_drawn"], look["reject_at_most"] + 1).verdict != "reject"
+    assert cli_main(args) == 0
+    first_row = capsys.readouterr().out.splitlines()[3].split()
+    if interim == "0":
+        assert looks[0]["rule"] is None and looks[1]["rule"] == "deterministic"
+        assert first_row == ["122", "-", "-"]
+    else:
+        assert [look["rule"] for look in looks] == ["interim"] * 4 + ["final"] and first_row[-1] == "interim"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -94,12 +94,7 @@ def _schedule(args: argparse.Namespace) -> int:
     looks = []
     for m in [*range(batch, test.budget, batch), test.budget]:
         reject = test.reject_threshold(m)
-        if m >= test.budget:
-            rule = "final"
-        elif reject == test.k_final - (test.budget - m):
-            rule = "deterministic"
-        else:
-            rule = "interim" if reject >= 0 else None
+        rule = test.decide(m, reject).rule if reject >= 0 else None  # the rule that rejects at the threshold
         early_pass = test.pass_threshold(m)
         looks.append(
             {
