@@ -628,7 +628,6 @@ class SequentialRejectionTest:
     ``k_final`` (the final threshold used, <= k_min; equal to it with ``interim_alpha=0``), ``s_d``,
     ``budget``, ``alpha_e``, ``interim_alpha``, ``pass_alpha``, ``rejection_error`` and
     ``pass_error`` (the exact worst cases over schedules, computed with the thresholds).
-    ``look_every`` is accepted and ignored (thresholds exist at every sample count).
     """
 
     def __init__(
@@ -643,7 +642,6 @@ class SequentialRejectionTest:
         pass_alpha=None,
         spending_exponent: float = 1.0,
         pass_spending_exponent: float = 2.0,
-        look_every=None,
     ):
         self.n_train, self.s_d = _target_diversity(n_train, target_irs, real_irs)
         self.target_irs = float(target_irs)
@@ -656,8 +654,6 @@ class SequentialRejectionTest:
         self.pass_alpha = None if pass_alpha is None else check_probability(pass_alpha, "pass_alpha")
         self.spending_exponent = check_positive(spending_exponent, "spending_exponent")
         self.pass_spending_exponent = check_positive(pass_spending_exponent, "pass_spending_exponent")
-        if look_every is not None:
-            check_int(look_every, "look_every", 1)
 
         #: plain Eq. 10 at alpha_e (what ``rejection_threshold`` and ``irs threshold`` print)
         self.k_min = _Occupancy(self.budget).quantile_below(self.s_d, self.alpha_e)

@@ -274,7 +274,6 @@ def test_cli_schedule_labels_each_look_with_the_rule_that_rejects_there(capsys, 
         ({"pass_alpha": 1.5}, "pass_alpha"),
         ({"spending_exponent": 0}, "spending_exponent"),
         ({"pass_spending_exponent": float("inf")}, "pass_spending_exponent"),
-        ({"look_every": 0}, "look_every"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
