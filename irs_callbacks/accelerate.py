@@ -101,9 +101,14 @@ def attach(monitor, accelerator, train_data=None) -> None:
             if sampler is not None:
                 monitor.sampler = sampler
                 if processes.is_main:
-                    logger.info("IRSMonitor: sampler = DDIM (50 steps, linear betas of diffusers' training scripts, "
-                                "epsilon prediction, no EMA) over the saved %s; pass IRSMonitor(PipelineSampler(...)) "
-                                "to choose", type(monitor.sampler.pipeline.unet).__name__)
+                    # a guess that decides deletions deserves more than an INFO line
+                    level = logging.WARNING if monitor.pruner is not None else logging.INFO
+                    logger.log(level, "IRSMonitor: sampler = DDIM (50 steps, linear betas of diffusers' training "
+                               "scripts, epsilon prediction, no EMA) over the saved %s%s; pass "
+                               "IRSMonitor(PipelineSampler(...)) to choose", type(monitor.sampler.pipeline.unet).__name__,
+                               "; pruning relies on it: a model trained with another noise schedule or prediction "
+                               "type would be rejected and its checkpoints deleted" if monitor.pruner is not None
+                               else "")
         monitor.checkpoint_saved(output_dir)
 
     def on_load(models, input_dir):

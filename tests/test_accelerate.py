@@ -203,7 +203,10 @@ def test_a_rerun_into_the_same_folder_keeps_its_history_and_checkpoints(tmp_path
     assert (out / "checkpoint-8").is_dir()  # the second run's newest, although checkpoint-12 is higher
 
 
-def test_no_arguments_infers_the_sampler_from_the_saved_unet(tmp_path, caplog):
+@pytest.mark.parametrize("pruner", [None, "rejected"])
+def test_no_arguments_infers_the_sampler_from_the_saved_unet(tmp_path, caplog, pruner):
+    """The inferred sampler is announced at INFO; with pruning on, whose deletions rest on that guess,
+    as a WARNING that says so."""
     x, _ = digits()
     acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path)))
     unet = tiny_unet()
@@ -211,7 +214,7 @@ def test_no_arguments_infers_the_sampler_from_the_saved_unet(tmp_path, caplog):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[TRAIN] * 2 - 1), batch_size=32)
     unet, opt, loader = acc.prepare(unet, opt, loader)
     m = IRSMonitor(reference=ReferenceConfig(extractor=pixels, progress=False), num_samples=40, batch_size=20,
-                   options=MonitorOptions(log_images=False))
+                   pruner=pruner, options=MonitorOptions(log_images=False))
     m.attach(acc, loader)
     with caplog.at_level(logging.INFO, logger="irs_callbacks"):
         for step in range(1, 4):
@@ -221,7 +224,9 @@ def test_no_arguments_infers_the_sampler_from_the_saved_unet(tmp_path, caplog):
     assert m.sampler is not None and type(m.sampler.pipeline).__name__ == "DDIMPipeline"
     assert m.sampler.pipeline.unet is acc.unwrap_model(unet)
     assert [r.step for r in m.history] == [2]  # evaluated at the checkpoint, only there
-    assert "sampler = DDIM" in caplog.text
+    [record] = [r for r in caplog.records if "sampler = DDIM" in r.getMessage()]
+    assert record.levelno == (logging.INFO if pruner is None else logging.WARNING)
+    assert ("checkpoints deleted" in record.getMessage()) == (pruner is not None)
 
 
 def test_a_pruning_problem_never_stops_the_evaluations(tmp_path, caplog):
