@@ -83,6 +83,8 @@ _SCALE_TOP = 15  # a scaled half row has its largest |value| in [2^14, 2^15) (fl
 _BANK_HEADROOM = 3  # the bank's scale is set from a row sample, 2^3 below the top; rescaled if exceeded
 _MEAN_SAMPLE = 1024  # rows sampled (strided) for the centring vector and the initial scale
 _PREP_ELEMENTS = 2 ** 23  # float64 elements per preparation chunk (64 MB)
+_PAIR_ELEMENTS = 2 ** 21  # float64 elements per chunk of exact pairs: its master rows are fetched per chunk (16 MB)
+_PINNED_ELEMENTS = 2 ** 24  # float32 elements of the pinned staging buffer kept between gathers (64 MB)
 _LARGE = 2.0 ** 120  # squared norms beyond this could overflow the float32 keys
 
 
@@ -553,14 +555,16 @@ class FeatureBank:
     # ------------------------------------------------------------------ master rows and exact distances
     def _master_rows(self, cols: torch.Tensor):
         """(float32 master rows on ``device``, inverse): row ``inverse[i]`` is master row ``cols[i]``.
-        From a host master each distinct row is gathered once, through a pinned buffer."""
+        From a host master each distinct row is gathered once, through a pinned buffer kept between
+        calls (at most ``_PINNED_ELEMENTS`` values; larger gathers use a transient pageable copy)."""
         if self.master_device == self.device:
             return self.features[cols], torch.arange(cols.numel(), device=self.device)
         unique, inverse = torch.unique(cols.to(self.master_device), return_inverse=True)
         m = unique.numel()
-        if self.device.type == "cuda" and self.master_device.type == "cpu":
+        cap = max(1, _PINNED_ELEMENTS // self.dim)  # rows of the largest pinned buffer kept
+        if self.device.type == "cuda" and self.master_device.type == "cpu" and m <= cap:
             if self._pinned is None or self._pinned.shape[0] < m:
-                self._pinned = torch.empty(max(m, 1024), self.dim, dtype=torch.float32, pin_memory=True)
+                self._pinned = torch.empty(max(m, min(1024, cap)), self.dim, dtype=torch.float32, pin_memory=True)
             buffer = self._pinned[:m]
             torch.index_select(self.features, 0, unique, out=buffer)
             rows = buffer.to(self.device, non_blocking=True)
@@ -570,14 +574,15 @@ class FeatureBank:
         return rows, inverse.to(self.device)
 
     def _exact_pairs(self, queries, qrow, cols) -> torch.Tensor:
-        """Exact float64 keys (squared Euclidean, or cosine distance) of queries[qrow] to master rows cols."""
+        """Exact float64 keys (squared Euclidean, or cosine distance) of queries[qrow] to master rows cols.
+
+        Pairs are evaluated in chunks of ``_PAIR_ELEMENTS // d``, each fetching only its own master
+        rows: memory stays bounded however many pairs are asked for (band re-scans, exact scans)."""
         out = torch.empty(qrow.numel(), dtype=torch.float64, device=self.device)
-        if qrow.numel() == 0:
-            return out
-        rows32, where = self._master_rows(cols)
-        step = max(1, 2 ** 21 // self.dim)
+        step = max(1, _PAIR_ELEMENTS // self.dim)
         for s in range(0, qrow.numel(), step):
-            b = rows32[where[s:s + step]].to(torch.float64)
+            rows32, where = self._master_rows(cols[s:s + step])
+            b = rows32[where].to(torch.float64)
             q = queries[qrow[s:s + step]].to(torch.float64)
             if self.distance == "euclidean":
                 out[s:s + step] = b.sub_(q).square_().sum(1)
@@ -773,13 +778,13 @@ class FeatureBank:
         b = queries.shape[0]
         best_k = torch.full((b, k), math.inf, dtype=torch.float64, device=self.device)
         best_i = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        step = max(1, 2 ** 20 // max(1, b))
+        step = max(1, 2 ** 20 // max(1, b))  # about 2^20 pairs (index tensors of 8 MB) per step
         ar = torch.arange(b, device=self.device)
         for s in range(0, self.n_train, step):
             e = min(s + step, self.n_train)
-            cols = torch.arange(s, e, device=self.device)
-            rows = ar.repeat_interleave(e - s)
-            cols = cols.repeat(b)
+            # bank-row-major: a chunk of pairs in _exact_pairs gathers each of its rows once for all b queries
+            cols = torch.arange(s, e, device=self.device).repeat_interleave(b)
+            rows = ar.repeat(e - s)
             keep = torch.ones_like(rows, dtype=torch.bool)
             if mask is not None:
                 keep &= mask[cols]

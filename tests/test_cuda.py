@@ -64,6 +64,27 @@ def test_tensor_core_screen_stays_within_the_bound(screen, distance):
     assert 1e-4 < worst <= 1.0
 
 
+def test_host_master_gathers_keep_a_bounded_pinned_buffer(monkeypatch):
+    """Exact scans and band re-scans gather master rows per chunk of pairs; the pinned staging
+    buffer kept between calls stays within _PINNED_ELEMENTS (larger gathers, e.g. many duplicate
+    suspects, go through a transient copy) and answers stay exact."""
+    from irs_callbacks import retrieval
+
+    monkeypatch.setattr(retrieval, "_PAIR_ELEMENTS", 64 * 8)  # d = 64: 8 pairs per chunk
+    monkeypatch.setattr(retrieval, "_PINNED_ELEMENTS", 64 * 16)  # at most 16 pinned rows kept
+    bank, queries = near_tie_data()
+    huge = torch.randn(3, 64, dtype=torch.float64) * 1e100  # squared norms > 2^120: exact scan
+    queries = torch.cat([queries.double(), huge])
+    for distance in ("euclidean", "cosine"):
+        fb = FeatureBank(bank, distance=distance, device=CUDA, screen_dtype="float16", master_device="cpu",
+                         chunk_size=200, block_size=16, candidates=4)
+        idx = fb.knn(queries, 5)[1].cpu()
+        assert torch.equal(idx, torch.argsort(brute_keys(bank, queries, distance), dim=1, stable=True)[:, :5])
+        assert fb._pinned is not None and fb._pinned.shape[0] <= 16
+        assert fb.duplicate_count == 40  # rows 100..139 equal row 7: 41 suspects, more than the pinned rows
+        assert fb._pinned.shape[0] <= 16
+
+
 def test_tf32_float32_screen_is_still_exact():
     bank, queries = near_tie_data(1)
     old = torch.backends.cuda.matmul.allow_tf32
