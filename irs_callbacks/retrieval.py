@@ -846,7 +846,7 @@ class FeatureBank:
         inband = v <= thr[:, None]
         complete = ~inband[:, -1] if c < n_eff else torch.ones_like(usable)
         if primary and self._has_fallback():  # wide half-precision bands: re-screen in float32 (cheaper)
-            heavy = usable & (~complete | (inband.sum(1) > k + 4 + self.n_train // 1000))
+            heavy = usable & ~complete  # (a complete band is re-ranked exactly: at most k + candidates pairs)
             h = heavy.nonzero().flatten()
             if h.numel():
                 sub_self = self_rows[h] if self_rows is not None else None
