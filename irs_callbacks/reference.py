@@ -96,7 +96,8 @@ def _check_distance(distance) -> str:
     return distance
 
 
-def _check_features(features, name: str) -> torch.Tensor:
+def _as_features(features, name: str) -> torch.Tensor:
+    """``features`` as a tensor ``[N, d]`` with N, d > 0, left on its device in its dtype."""
     if not isinstance(features, torch.Tensor):
         try:
             features = torch.as_tensor(features)
@@ -104,7 +105,12 @@ def _check_features(features, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor/array of shape [N, d], got {type(features).__name__}") from None
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"{name} must have shape [N, d] with N, d > 0, got {tuple(features.shape)}")
-    return features.detach().to("cpu", torch.float32).contiguous()
+    return features.detach()
+
+
+def _check_features(features, name: str) -> torch.Tensor:
+    """``features`` as a contiguous CPU float32 tensor ``[N, d]`` (the stored form)."""
+    return _as_features(features, name).to("cpu", torch.float32).contiguous()
 
 
 def _check_train_finite(features: torch.Tensor) -> torch.Tensor:
@@ -427,15 +433,13 @@ class ReferenceBank:
     def score(self, sample_features, *, device=None, alpha_e=None) -> RetrievalScore:
         """IRS_alpha, IRS_inf and IRS_inf,a of samples given as features ``[n, d]`` (NaN rows = invalid):
         nearest-neighbour search, then :meth:`score_indices`."""
-        queries = _check_features(sample_features, "sample_features")
+        queries = _as_features(sample_features, "sample_features")  # (where they are: no host round trip)
         if queries.shape[1] != self.dim:
             raise ValueError(f"sample features have dimension {queries.shape[1]} but the reference bank has "
                              f"{self.dim}: use the extractor the bank was built with ({self.extractor_identity.get('name')})")
         bank = self.bank(device=device)
-        retrieved = bank.search(queries.to(bank.device))[0]
-        invalid = ~torch.isfinite(queries).all(dim=1)  # the search marks them -1 too; be explicit
-        retrieved = retrieved.cpu().to(torch.int64)
-        retrieved[invalid] = -1
+        # float32 like the stored features; rows with NaN/Inf (after that rounding) are retrieved as -1
+        retrieved = bank.search(queries.to(bank.device, torch.float32))[0]
         return self.score_indices(retrieved, alpha_e=alpha_e)
 
     def score_indices(self, retrieved, *, alpha_e=None) -> RetrievalScore:

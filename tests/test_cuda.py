@@ -116,6 +116,23 @@ def test_reference_bank_set_up_on_cuda_equals_cpu():
     assert on_gpu.bank(device=CUDA).screen_dtype == torch.float16
 
 
+def test_reference_score_searches_cuda_samples_without_a_host_round_trip(monkeypatch):
+    from irs_callbacks.reference import ReferenceBank
+
+    x = inception_like(2000, 64, 6)
+    ref = ReferenceBank.from_features(x, device=CUDA)
+    bank, seen = ref.bank(device=CUDA), []
+    search = bank.search
+    monkeypatch.setattr(bank, "search", lambda queries, **kw: seen.append(queries) or search(queries, **kw))
+    samples = (x[:100] + 1e3 * torch.randn(100, 64)).to(CUDA)
+    samples[5, 0] = float("nan")
+    result = ref.score(samples, device=CUDA)
+    assert seen[-1].data_ptr() == samples.data_ptr()  # searched where it was (was copied to the host and back)
+    truth = brute_keys(x, samples.cpu()).argmin(1)
+    truth[5] = -1
+    assert result == ref.score_indices(truth)
+
+
 class _Rows:
     """A 'model' drawing training rows of a fixed subset; the extractor maps images back to rows."""
 
