@@ -592,7 +592,8 @@ class ReferenceBank:
                                                 alpha_e=alpha_e, bank=bank.bank(device=device))
             bank.real, bank.real_nearest = real, nearest
             bank.metadata.update(real=real.as_dict(), real_measurement=info)
-        bank.duplicate_count  # noqa: B018 -- counted by that bank (on its device) into the metadata
+        if "duplicate_count" not in bank.metadata:  # counted by the bank on `device` (cached for scoring)
+            bank.metadata["duplicate_count"] = int(bank.bank(device=device).duplicate_count)
         return bank
 
     @classmethod

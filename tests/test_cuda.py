@@ -116,6 +116,20 @@ def test_reference_bank_set_up_on_cuda_equals_cpu():
     assert on_gpu.bank(device=CUDA).screen_dtype == torch.float16
 
 
+def test_unmeasured_reference_bank_counts_duplicates_on_its_device(monkeypatch):
+    from irs_callbacks.reference import ReferenceBank
+
+    built = []
+    original = FeatureBank._prepare_screen
+    monkeypatch.setattr(FeatureBank, "_prepare_screen", lambda self, *args: built.append(self) or original(self, *args))
+    x = inception_like(3000, 64, 4)
+    x[2990:] = x[:10]
+    ref = ReferenceBank.from_features(x, measure=False, device=CUDA)
+    assert ref.duplicate_count == 10
+    assert [b.device.type for b in built] == ["cuda"]  # (was a CPU bank whatever the device)
+    assert ref.bank(device=CUDA) is built[0]
+
+
 def test_reference_score_searches_cuda_samples_without_a_host_round_trip(monkeypatch):
     from irs_callbacks.reference import ReferenceBank
 

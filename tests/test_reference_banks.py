@@ -81,3 +81,13 @@ def test_numpy_features_and_lazy_duplicate_count():
     ref = ReferenceBank(x)
     assert "duplicate_count" not in ref.metadata
     assert ref.duplicate_count == 3 and ref.metadata["duplicate_count"] == 3
+
+
+def test_unmeasured_bank_counts_duplicates_with_the_bank_it_keeps_for_scoring(monkeypatch):
+    built = []
+    original = retrieval.FeatureBank._prepare_screen
+    monkeypatch.setattr(retrieval.FeatureBank, "_prepare_screen",
+                        lambda self, *args: built.append(self) or original(self, *args))
+    ref = ReferenceBank.from_features(features(), measure=False, device="cpu")
+    assert ref.real is None and ref.metadata["duplicate_count"] == 3 and len(built) == 1
+    assert ref.bank(device="cpu") is built[0]
