@@ -41,7 +41,8 @@ n_r real queries against a bank of n_bank:
 
 :class:`RetrievalScore` says which (``alpha_matching``, ``matched_alpha``, ``synthetic_matched``);
 ``real`` is the all-queries value. Invalid (NaN/Inf) samples are counted in ``n_samples`` and
-never learned; IRS_inf and alpha matching use the valid samples.
+never learned; IRS_inf and alpha matching use the valid samples (and the valid real queries:
+``real.n_samples`` counts those only).
 
 Files: one ``.safetensors`` file with tensor ``features`` and the JSON metadata (key
 ``irs_reference`` of the safetensors header): format version, library version, extractor
@@ -172,7 +173,8 @@ def _measure_real(train_features, reference_features=None, *, distance="euclidea
     info.update(n_learned=int(learned.n_learned), n_invalid=int(learned.n_invalid))
     if learned.n_learned < 1:
         raise ValueError("no real reference image retrieved a training image (all reference features invalid?)")
-    estimate = irs_infinity(int(learned.n_learned), int(learned.n_samples), n_bank, alpha_e)
+    n_valid = int(learned.n_samples - learned.n_invalid)  # invalid queries sample nothing (as on the synthetic side)
+    estimate = irs_infinity(int(learned.n_learned), n_valid, n_bank, alpha_e)
     return estimate, info, nearest.cpu()
 
 
@@ -416,7 +418,7 @@ class ReferenceBank:
         The real queries are subsampled to ``m = round(n_samples * n_bank / n_train)`` (the same
         alpha against the bank they were retrieved from): the mean ML estimate of 32 seeded
         m-subsets (module docstring), a fraction of the bank, deterministic and cached per m.
-        When all queries are needed (m >= their number), or the bank keeps no per-query record,
+        When all valid queries are needed (m >= their number), or the bank keeps no per-query record,
         this is ``real`` (then the samples are the side to subsample, see :meth:`score_indices`).
         """
         if self.real is None or self.real_nearest is None:
@@ -424,10 +426,11 @@ class ReferenceBank:
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         m = max(1, round(int(n_samples) * self.real.n_train / self.n_train))
-        if m >= self.real.n_samples:
+        draws = self.real_nearest[self.real_nearest >= 0]  # the valid queries (real.n_samples of them)
+        if m >= min(self.real.n_samples, draws.numel()):
             return self.real
         if m not in self._real_at_cache:
-            self._real_at_cache[m] = _estimate_at(self.real_nearest.numpy(), m, self.real.n_train, self.real.alpha_e)
+            self._real_at_cache[m] = _estimate_at(draws.numpy(), m, self.real.n_train, self.real.alpha_e)
         return self._real_at_cache[m]
 
     def score(self, sample_features, *, device=None, alpha_e=None) -> RetrievalScore:
