@@ -47,8 +47,9 @@ bfloat16's wider exponent range buys nothing once stored values are scaled by po
 
 ``backend="faiss"`` screens with faiss' exact flat index (``IndexFlatL2`` / ``IndexFlatIP``;
 on CUDA faiss' GPU index on the bank's device when faiss was built with GPU support) and
-re-ranks the same way, so faiss' own tie order never leaks out. ``backend="auto"`` is torch
-(measured faster on CPU; unmeasured on CUDA).
+re-ranks the same way, so faiss' own tie order never leaks out. ``backend="auto"`` is torch: on
+the development CPU faiss was faster in two of four measured cells and slower in two, with no
+consistent pattern; on CUDA it is unmeasured (:meth:`FeatureBank.resolve_backend`).
 
 :class:`ShardedFeatureBank` splits the rows over the processes of a ``torch.distributed`` run
 (each rank screens its shard; collective search). :class:`LearnedSet` accumulates which training
