@@ -68,8 +68,9 @@ import torch
 from irs_callbacks import __version__
 from irs_callbacks.files import expand_path, write_atomic
 from irs_callbacks.features import DEFAULT_EXTRACTOR, extract_features, get_extractor
-from irs_callbacks.retrieval import finite_rows, resolve_screen_dtype
-from irs_callbacks.validation import check_value_range
+from irs_callbacks.retrieval import (DISTANCES, FeatureBank, LearnedSet, ShardedFeatureBank, finite_rows,
+                                     resolve_screen_dtype)
+from irs_callbacks.validation import check_choice, check_value_range
 from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity, ml_diversity
 
 __all__ = ["ReferenceBank", "RetrievalScore", "measure_real", "split_for_real", "FORMAT_VERSION",
@@ -79,7 +80,6 @@ FORMAT = "irs-reference-bank"
 FORMAT_VERSION = 1
 METADATA_KEY = "irs_reference"
 REQUIRED_METADATA = ("n_train", "dim", "distance", "extractor")  # what load() reads
-DISTANCES = ("euclidean", "cosine")
 SPLIT_LIMIT, SPLIT_QUERIES_LARGE = 100_000, 50_000
 SUBSET_REPEATS, SUBSET_SEED = 32, 0  # subsampling to a common alpha (module docstring)
 #: values of RetrievalScore.alpha_matching: how real data and samples were brought to one alpha
@@ -89,12 +89,6 @@ ALPHA_MATCHINGS = {
     "samples-subsampled": "samples subsampled to the real reference's alpha (exact mean over subsets)",
     "unmatched": "different alphas: the bank keeps no per-query record of the real measurement",
 }
-
-
-def _check_distance(distance) -> str:
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    return distance
 
 
 def _as_features(features, name: str) -> torch.Tensor:
@@ -147,8 +141,6 @@ def measure_real(train_features, reference_features=None, *, distance="euclidean
 def _measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
                   device=None, bank=None) -> tuple[IRSEstimate, dict, torch.Tensor]:
     """:func:`measure_real` plus each real query's retrieved training index (-1: invalid query)."""
-    from irs_callbacks.retrieval import FeatureBank, LearnedSet
-
     train_features = _check_features(train_features, "train_features")
     if bank is None:
         bank = FeatureBank(train_features, distance=distance, device=device)
@@ -253,7 +245,7 @@ def subsampled_learned(counts, n: int, m: int) -> float:
 
 
 def _estimate_at(draws, m: int, n_train: int, alpha_e: float) -> IRSEstimate:
-    """IRS_inf at m of the n ``draws`` (retrieved rows, -1 = retrieved nothing), module docstring:
+    """IRS_inf at m < n of the n ``draws`` (retrieved rows, -1 = retrieved nothing), module docstring:
     estimate = mean ML estimate of ``SUBSET_REPEATS`` seeded m-subsets; n_learned and bounds
     those of the exact mean N_learned over all m-subsets."""
     import numpy as np
@@ -265,9 +257,6 @@ def _estimate_at(draws, m: int, n_train: int, alpha_e: float) -> IRSEstimate:
     ids = np.full(n, -1, dtype=np.int64)
     ids[valid] = compact
     counts = np.bincount(compact, minlength=values.size)
-    if m >= n:
-        k = int(values.size)
-        return irs_infinity(max(1, k), n, n_train, alpha_e)
     rng = np.random.default_rng(SUBSET_SEED)
     s_hats = []
     for _ in range(SUBSET_REPEATS):
@@ -333,8 +322,8 @@ class ReferenceBank:
         self.features = _check_train_finite(_check_features(features, "features"))
         #: retrieved bank index of each real query (-1 = invalid), for :meth:`real_at`; or None
         self.real_nearest = None if real_nearest is None else torch.as_tensor(real_nearest, dtype=torch.int64).cpu()
-        self._real_at_cache: dict[tuple[int, int, int], IRSEstimate] = {}
-        self.distance = _check_distance(distance)
+        self._real_at_cache: dict[int, IRSEstimate] = {}  # real_at per subset size m
+        self.distance = check_choice(distance, "distance", DISTANCES)
         self.extractor_identity = _jsonable(extractor_identity or {})
         if real is not None and not isinstance(real, IRSEstimate):
             raise TypeError(f"real must be an IRSEstimate or None, got {type(real).__name__}")
@@ -357,8 +346,6 @@ class ReferenceBank:
 
         From the metadata when saved there, else counted once by a cached bank (on its device)."""
         if "duplicate_count" not in self.metadata:
-            from irs_callbacks.retrieval import FeatureBank
-
             banks = [b for b in self._banks.values() if isinstance(b, FeatureBank)]
             bank = banks[0] if banks else self.bank()
             self.metadata["duplicate_count"] = int(bank.duplicate_count)
@@ -384,8 +371,6 @@ class ReferenceBank:
         Every bank shares the CPU float32 features as its master (a half-precision screen on
         CUDA keeps them in host memory; no copy). :meth:`clear_banks` frees the cached banks.
         """
-        from irs_callbacks.retrieval import FeatureBank, ShardedFeatureBank
-
         key = self._bank_key(device, sharded, options)
         if key not in self._banks:
             if sharded:
@@ -587,7 +572,7 @@ class ReferenceBank:
                       seed=0, alpha_e=0.05, measure=True, device=None, metadata=None) -> "ReferenceBank":
         """A bank from precomputed training features (and optional held-out real features)."""
         features = _check_features(features, "features")
-        _check_distance(distance)
+        check_choice(distance, "distance", DISTANCES)
         bank = cls(features, distance=distance, extractor_identity=extractor_identity,
                    metadata={**(metadata or {}), "real_measurement": None})
         if measure:  # the training bank is built once, on `device`, and stays cached for scoring
@@ -615,7 +600,7 @@ class ReferenceBank:
         """
         from irs_callbacks import image_io
 
-        _check_distance(distance)
+        check_choice(distance, "distance", DISTANCES)
         value_range = list(check_value_range(value_range))
         extractor = get_extractor(extractor, weights=weights, device=device, **extractor_options)
         streamed = {}
