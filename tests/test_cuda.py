@@ -1,7 +1,6 @@
 """CUDA paths (run only where a CUDA device is present; see tests/conftest.py): tensor-core half
 screens, host master gathers, faiss' GPU index, device-side set-up and a monitor evaluation."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -189,4 +188,3 @@ def test_monitor_evaluation_on_cuda_equals_cpu(tmp_path, monkeypatch):
     assert (gpu.verdict, gpu.rule, gpu.samples_used, gpu.n_learned) == (cpu.verdict, cpu.rule, cpu.samples_used,
                                                                          cpu.n_learned)
     assert gpu.verdict == "reject" and gpu.curve == cpu.curve  # coverage 1500 / 4000 < 0.8
-    assert os.path.isdir(tmp_path)
