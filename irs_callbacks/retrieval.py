@@ -326,7 +326,6 @@ class FeatureBank:
             else:
                 mm = "emulated"
         self._pinned = None  # staging buffer for gathers from a host master
-        self._hashes = None
         self._duplicate_count = None
         self._screen = self._prepare_screen(mm)
         self._fallback = None  # float32 screen on the master (Euclidean half screens with the master on device)
@@ -366,7 +365,7 @@ class FeatureBank:
 
     def _prepare_screen(self, mm: str) -> _Screen:
         """Check finiteness, build the screen copy and its float32 squared norms, chunk by chunk
-        on ``device`` (one pass over the master; row hashes for duplicate counting on CUDA)."""
+        on ``device`` (one pass over the master)."""
         n, d, dev = self.n_train, self.dim, self.device
         half = self.screen_dtype != torch.float32
         cosine = self.distance == "cosine"
@@ -386,10 +385,6 @@ class FeatureBank:
             exp_b = _SCALE_TOP - _BANK_HEADROOM - _exponent(top)
         screen = self.features if share else torch.empty(n, d, dtype=self.screen_dtype, device=dev)
         sqnorms = torch.empty(n, dtype=torch.float64, device=dev)
-        hashing = dev.type == "cuda"
-        if hashing:
-            self._hashes = torch.empty(n, 4, dtype=torch.float64, device=dev)
-            weights = self._hash_weights()
         step = max(1, _PREP_ELEMENTS // d)
         for s in range(0, n, step):
             e = min(s + step, n)
@@ -397,13 +392,9 @@ class FeatureBank:
             if not bool(finite_rows(rows32).all()):
                 self._raise_non_finite()
             if share:  # the screen is the master: only the float64 squared norms (|x| < 2^128: no overflow)
-                if hashing:
-                    self._hashes[s:e] = _row_hashes(rows32, weights)
                 sqnorms[s:e] = torch.linalg.vector_norm(rows32, dim=1, dtype=torch.float64).square()
                 continue
             if half and not cosine:  # centred in float32 (one rounding, in the bound), norms in float64
-                if hashing:
-                    self._hashes[s:e] = _row_hashes(rows32, weights)
                 x = rows32 - mean
                 sqnorms[s:e] = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
                 exp_b = self._store_half(screen, s, e, x, exp_b)
@@ -412,8 +403,6 @@ class FeatureBank:
             if cosine:
                 norms = x.norm(dim=1, keepdim=True)
                 x = x / norms.clamp_min(1e-300)
-            if hashing:
-                self._hashes[s:e] = _row_hashes(x.to(torch.float32) if cosine else rows32, weights)
             if mean is not None:
                 x = x - mean
             sq = x.square().sum(1)
@@ -526,23 +515,23 @@ class FeatureBank:
 
         For cosine banks rows are compared after normalisation (rounded to float32; positive
         multiples usually coincide, exactly so when the factor is a power of two). Computed on
-        first access (during construction on CUDA): exact integer hashes of the bit patterns (a
-        float64 matrix product) on ``device``, the colliding rows then compared exactly.
+        first access (one more pass over the master; nothing is kept): exact integer hashes of
+        the bit patterns (a float64 matrix product) on ``device``, the colliding rows then
+        compared exactly.
         """
         if self._duplicate_count is None:
             self._duplicate_count = self._count_duplicates()
         return self._duplicate_count
 
     def _count_duplicates(self) -> int:
-        if self._hashes is None:
-            weights = self._hash_weights()
-            self._hashes = torch.empty(self.n_train, 4, dtype=torch.float64, device=self.device)
-            step = max(1, _PREP_ELEMENTS // self.dim)
-            for s in range(0, self.n_train, step):
-                self._hashes[s:s + step] = _row_hashes(self._hash_rows(s, s + step), weights)
-        _, inverse, counts = torch.unique(self._hashes, dim=0, return_inverse=True, return_counts=True)
+        weights = self._hash_weights()
+        hashes = torch.empty(self.n_train, 4, dtype=torch.float64, device=self.device)
+        step = max(1, _PREP_ELEMENTS // self.dim)
+        for s in range(0, self.n_train, step):
+            hashes[s:s + step] = _row_hashes(self._hash_rows(s, s + step), weights)
+        _, inverse, counts = torch.unique(hashes, dim=0, return_inverse=True, return_counts=True)
+        del hashes
         suspects = (counts[inverse] > 1).nonzero().flatten()
-        self._hashes = None
         if suspects.numel() == 0:
             return 0
         rows32, where = self._master_rows(suspects)

@@ -84,6 +84,23 @@ def test_host_master_gathers_keep_a_bounded_pinned_buffer(monkeypatch):
         assert fb._pinned.shape[0] <= 16
 
 
+def test_cuda_bank_keeps_no_row_hashes_until_duplicates_are_counted():
+    """Row hashes (N x 4 float64) are computed when duplicate_count is first asked, and freed;
+    a bank whose count comes from file metadata never holds them on the GPU."""
+    small = FeatureBank(inception_like(500, 64, 8), device=CUDA)  # warm-up: cuBLAS workspace, kernels
+    small.search(inception_like(10, 64, 9))
+    n = 100_000
+    x = inception_like(n, 64, 7)
+    x[-5:] = x[:5]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    fb = FeatureBank(x, device=CUDA)  # float16 screen, float32 master on the host
+    kept = fb.screen_bytes + n * 4  # the half copy and its float32 squared norms
+    assert torch.cuda.memory_allocated() - before <= kept + 2 ** 16  # (hashes would add n * 32 bytes)
+    assert fb.duplicate_count == 5
+    assert torch.cuda.memory_allocated() - before <= kept + 2 ** 16
+
+
 def test_tf32_float32_screen_is_still_exact():
     bank, queries = near_tie_data(1)
     old = torch.backends.cuda.matmul.allow_tf32
