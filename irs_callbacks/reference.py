@@ -41,7 +41,8 @@ n_r real queries against a bank of n_bank:
 
 :class:`RetrievalScore` says which (``alpha_matching``, ``matched_alpha``, ``synthetic_matched``);
 ``real`` is the all-queries value. Invalid (NaN/Inf) samples are counted in ``n_samples`` and
-never learned; IRS_inf and alpha matching use the valid samples.
+never learned; IRS_inf and alpha matching use the valid samples (and the valid real queries:
+``real.n_samples`` counts those only).
 
 Files: one ``.safetensors`` file with tensor ``features`` and the JSON metadata (key
 ``irs_reference`` of the safetensors header): format version, library version, extractor
@@ -67,8 +68,9 @@ import torch
 from irs_callbacks import __version__
 from irs_callbacks.files import expand_path, write_atomic
 from irs_callbacks.features import DEFAULT_EXTRACTOR, extract_features, get_extractor
-from irs_callbacks.retrieval import finite_rows, resolve_screen_dtype
-from irs_callbacks.validation import check_value_range
+from irs_callbacks.retrieval import (DISTANCES, FeatureBank, LearnedSet, ShardedFeatureBank, finite_rows,
+                                     resolve_screen_dtype)
+from irs_callbacks.validation import check_choice, check_value_range
 from irs_callbacks.stats import IRSEstimate, adjusted_irs, irs_infinity, ml_diversity
 
 __all__ = ["ReferenceBank", "RetrievalScore", "measure_real", "split_for_real", "FORMAT_VERSION",
@@ -78,7 +80,6 @@ FORMAT = "irs-reference-bank"
 FORMAT_VERSION = 1
 METADATA_KEY = "irs_reference"
 REQUIRED_METADATA = ("n_train", "dim", "distance", "extractor")  # what load() reads
-DISTANCES = ("euclidean", "cosine")
 SPLIT_LIMIT, SPLIT_QUERIES_LARGE = 100_000, 50_000
 SUBSET_REPEATS, SUBSET_SEED = 32, 0  # subsampling to a common alpha (module docstring)
 #: values of RetrievalScore.alpha_matching: how real data and samples were brought to one alpha
@@ -90,13 +91,8 @@ ALPHA_MATCHINGS = {
 }
 
 
-def _check_distance(distance) -> str:
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    return distance
-
-
-def _check_features(features, name: str) -> torch.Tensor:
+def _as_features(features, name: str) -> torch.Tensor:
+    """``features`` as a tensor ``[N, d]`` with N, d > 0, left on its device in its dtype."""
     if not isinstance(features, torch.Tensor):
         try:
             features = torch.as_tensor(features)
@@ -104,7 +100,12 @@ def _check_features(features, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor/array of shape [N, d], got {type(features).__name__}") from None
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"{name} must have shape [N, d] with N, d > 0, got {tuple(features.shape)}")
-    return features.detach().to("cpu", torch.float32).contiguous()
+    return features.detach()
+
+
+def _check_features(features, name: str) -> torch.Tensor:
+    """``features`` as a contiguous CPU float32 tensor ``[N, d]`` (the stored form)."""
+    return _as_features(features, name).to("cpu", torch.float32).contiguous()
 
 
 def _check_train_finite(features: torch.Tensor) -> torch.Tensor:
@@ -140,8 +141,6 @@ def measure_real(train_features, reference_features=None, *, distance="euclidean
 def _measure_real(train_features, reference_features=None, *, distance="euclidean", seed=0, alpha_e=0.05,
                   device=None, bank=None) -> tuple[IRSEstimate, dict, torch.Tensor]:
     """:func:`measure_real` plus each real query's retrieved training index (-1: invalid query)."""
-    from irs_callbacks.retrieval import FeatureBank, LearnedSet
-
     train_features = _check_features(train_features, "train_features")
     if bank is None:
         bank = FeatureBank(train_features, distance=distance, device=device)
@@ -166,7 +165,8 @@ def _measure_real(train_features, reference_features=None, *, distance="euclidea
     info.update(n_learned=int(learned.n_learned), n_invalid=int(learned.n_invalid))
     if learned.n_learned < 1:
         raise ValueError("no real reference image retrieved a training image (all reference features invalid?)")
-    estimate = irs_infinity(int(learned.n_learned), int(learned.n_samples), n_bank, alpha_e)
+    n_valid = int(learned.n_samples - learned.n_invalid)  # invalid queries sample nothing (as on the synthetic side)
+    estimate = irs_infinity(int(learned.n_learned), n_valid, n_bank, alpha_e)
     return estimate, info, nearest.cpu()
 
 
@@ -245,7 +245,7 @@ def subsampled_learned(counts, n: int, m: int) -> float:
 
 
 def _estimate_at(draws, m: int, n_train: int, alpha_e: float) -> IRSEstimate:
-    """IRS_inf at m of the n ``draws`` (retrieved rows, -1 = retrieved nothing), module docstring:
+    """IRS_inf at m < n of the n ``draws`` (retrieved rows, -1 = retrieved nothing), module docstring:
     estimate = mean ML estimate of ``SUBSET_REPEATS`` seeded m-subsets; n_learned and bounds
     those of the exact mean N_learned over all m-subsets."""
     import numpy as np
@@ -257,9 +257,6 @@ def _estimate_at(draws, m: int, n_train: int, alpha_e: float) -> IRSEstimate:
     ids = np.full(n, -1, dtype=np.int64)
     ids[valid] = compact
     counts = np.bincount(compact, minlength=values.size)
-    if m >= n:
-        k = int(values.size)
-        return irs_infinity(max(1, k), n, n_train, alpha_e)
     rng = np.random.default_rng(SUBSET_SEED)
     s_hats = []
     for _ in range(SUBSET_REPEATS):
@@ -325,8 +322,8 @@ class ReferenceBank:
         self.features = _check_train_finite(_check_features(features, "features"))
         #: retrieved bank index of each real query (-1 = invalid), for :meth:`real_at`; or None
         self.real_nearest = None if real_nearest is None else torch.as_tensor(real_nearest, dtype=torch.int64).cpu()
-        self._real_at_cache: dict[tuple[int, int, int], IRSEstimate] = {}
-        self.distance = _check_distance(distance)
+        self._real_at_cache: dict[int, IRSEstimate] = {}  # real_at per subset size m
+        self.distance = check_choice(distance, "distance", DISTANCES)
         self.extractor_identity = _jsonable(extractor_identity or {})
         if real is not None and not isinstance(real, IRSEstimate):
             raise TypeError(f"real must be an IRSEstimate or None, got {type(real).__name__}")
@@ -349,8 +346,6 @@ class ReferenceBank:
 
         From the metadata when saved there, else counted once by a cached bank (on its device)."""
         if "duplicate_count" not in self.metadata:
-            from irs_callbacks.retrieval import FeatureBank
-
             banks = [b for b in self._banks.values() if isinstance(b, FeatureBank)]
             bank = banks[0] if banks else self.bank()
             self.metadata["duplicate_count"] = int(bank.duplicate_count)
@@ -376,8 +371,6 @@ class ReferenceBank:
         Every bank shares the CPU float32 features as its master (a half-precision screen on
         CUDA keeps them in host memory; no copy). :meth:`clear_banks` frees the cached banks.
         """
-        from irs_callbacks.retrieval import FeatureBank, ShardedFeatureBank
-
         key = self._bank_key(device, sharded, options)
         if key not in self._banks:
             if sharded:
@@ -410,7 +403,7 @@ class ReferenceBank:
         The real queries are subsampled to ``m = round(n_samples * n_bank / n_train)`` (the same
         alpha against the bank they were retrieved from): the mean ML estimate of 32 seeded
         m-subsets (module docstring), a fraction of the bank, deterministic and cached per m.
-        When all queries are needed (m >= their number), or the bank keeps no per-query record,
+        When all valid queries are needed (m >= their number), or the bank keeps no per-query record,
         this is ``real`` (then the samples are the side to subsample, see :meth:`score_indices`).
         """
         if self.real is None or self.real_nearest is None:
@@ -418,24 +411,23 @@ class ReferenceBank:
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         m = max(1, round(int(n_samples) * self.real.n_train / self.n_train))
-        if m >= self.real.n_samples:
+        draws = self.real_nearest[self.real_nearest >= 0]  # the valid queries (real.n_samples of them)
+        if m >= min(self.real.n_samples, draws.numel()):
             return self.real
         if m not in self._real_at_cache:
-            self._real_at_cache[m] = _estimate_at(self.real_nearest.numpy(), m, self.real.n_train, self.real.alpha_e)
+            self._real_at_cache[m] = _estimate_at(draws.numpy(), m, self.real.n_train, self.real.alpha_e)
         return self._real_at_cache[m]
 
     def score(self, sample_features, *, device=None, alpha_e=None) -> RetrievalScore:
         """IRS_alpha, IRS_inf and IRS_inf,a of samples given as features ``[n, d]`` (NaN rows = invalid):
         nearest-neighbour search, then :meth:`score_indices`."""
-        queries = _check_features(sample_features, "sample_features")
+        queries = _as_features(sample_features, "sample_features")  # (where they are: no host round trip)
         if queries.shape[1] != self.dim:
             raise ValueError(f"sample features have dimension {queries.shape[1]} but the reference bank has "
                              f"{self.dim}: use the extractor the bank was built with ({self.extractor_identity.get('name')})")
         bank = self.bank(device=device)
-        retrieved = bank.search(queries.to(bank.device))[0]
-        invalid = ~torch.isfinite(queries).all(dim=1)  # the search marks them -1 too; be explicit
-        retrieved = retrieved.cpu().to(torch.int64)
-        retrieved[invalid] = -1
+        # float32 like the stored features; rows with NaN/Inf (after that rounding) are retrieved as -1
+        retrieved = bank.search(queries.to(bank.device, torch.float32))[0]
         return self.score_indices(retrieved, alpha_e=alpha_e)
 
     def score_indices(self, retrieved, *, alpha_e=None) -> RetrievalScore:
@@ -580,7 +572,7 @@ class ReferenceBank:
                       seed=0, alpha_e=0.05, measure=True, device=None, metadata=None) -> "ReferenceBank":
         """A bank from precomputed training features (and optional held-out real features)."""
         features = _check_features(features, "features")
-        _check_distance(distance)
+        check_choice(distance, "distance", DISTANCES)
         bank = cls(features, distance=distance, extractor_identity=extractor_identity,
                    metadata={**(metadata or {}), "real_measurement": None})
         if measure:  # the training bank is built once, on `device`, and stays cached for scoring
@@ -588,7 +580,8 @@ class ReferenceBank:
                                                 alpha_e=alpha_e, bank=bank.bank(device=device))
             bank.real, bank.real_nearest = real, nearest
             bank.metadata.update(real=real.as_dict(), real_measurement=info)
-        bank.duplicate_count  # noqa: B018 -- counted by that bank (on its device) into the metadata
+        if "duplicate_count" not in bank.metadata:  # counted by the bank on `device` (cached for scoring)
+            bank.metadata["duplicate_count"] = int(bank.bank(device=device).duplicate_count)
         return bank
 
     @classmethod
@@ -607,7 +600,7 @@ class ReferenceBank:
         """
         from irs_callbacks import image_io
 
-        _check_distance(distance)
+        check_choice(distance, "distance", DISTANCES)
         value_range = list(check_value_range(value_range))
         extractor = get_extractor(extractor, weights=weights, device=device, **extractor_options)
         streamed = {}

@@ -47,8 +47,9 @@ bfloat16's wider exponent range buys nothing once stored values are scaled by po
 
 ``backend="faiss"`` screens with faiss' exact flat index (``IndexFlatL2`` / ``IndexFlatIP``;
 on CUDA faiss' GPU index on the bank's device when faiss was built with GPU support) and
-re-ranks the same way, so faiss' own tie order never leaks out. ``backend="auto"`` is torch
-(measured faster on CPU; unmeasured on CUDA).
+re-ranks the same way, so faiss' own tie order never leaks out. ``backend="auto"`` is torch: on
+the development CPU faiss was faster in two of four measured cells and slower in two, with no
+consistent pattern; on CUDA it is unmeasured (:meth:`FeatureBank.resolve_backend`).
 
 :class:`ShardedFeatureBank` splits the rows over the processes of a ``torch.distributed`` run
 (each rank screens its shard; collective search). :class:`LearnedSet` accumulates which training
@@ -83,6 +84,8 @@ _SCALE_TOP = 15  # a scaled half row has its largest |value| in [2^14, 2^15) (fl
 _BANK_HEADROOM = 3  # the bank's scale is set from a row sample, 2^3 below the top; rescaled if exceeded
 _MEAN_SAMPLE = 1024  # rows sampled (strided) for the centring vector and the initial scale
 _PREP_ELEMENTS = 2 ** 23  # float64 elements per preparation chunk (64 MB)
+_PAIR_ELEMENTS = 2 ** 21  # float64 elements per chunk of exact pairs: its master rows are fetched per chunk (16 MB)
+_PINNED_ELEMENTS = 2 ** 24  # float32 elements of the pinned staging buffer kept between gathers (64 MB)
 _LARGE = 2.0 ** 120  # squared norms beyond this could overflow the float32 keys
 
 
@@ -323,7 +326,6 @@ class FeatureBank:
             else:
                 mm = "emulated"
         self._pinned = None  # staging buffer for gathers from a host master
-        self._hashes = None
         self._duplicate_count = None
         self._screen = self._prepare_screen(mm)
         self._fallback = None  # float32 screen on the master (Euclidean half screens with the master on device)
@@ -363,7 +365,7 @@ class FeatureBank:
 
     def _prepare_screen(self, mm: str) -> _Screen:
         """Check finiteness, build the screen copy and its float32 squared norms, chunk by chunk
-        on ``device`` (one pass over the master; row hashes for duplicate counting on CUDA)."""
+        on ``device`` (one pass over the master)."""
         n, d, dev = self.n_train, self.dim, self.device
         half = self.screen_dtype != torch.float32
         cosine = self.distance == "cosine"
@@ -383,10 +385,6 @@ class FeatureBank:
             exp_b = _SCALE_TOP - _BANK_HEADROOM - _exponent(top)
         screen = self.features if share else torch.empty(n, d, dtype=self.screen_dtype, device=dev)
         sqnorms = torch.empty(n, dtype=torch.float64, device=dev)
-        hashing = dev.type == "cuda"
-        if hashing:
-            self._hashes = torch.empty(n, 4, dtype=torch.float64, device=dev)
-            weights = self._hash_weights()
         step = max(1, _PREP_ELEMENTS // d)
         for s in range(0, n, step):
             e = min(s + step, n)
@@ -394,13 +392,9 @@ class FeatureBank:
             if not bool(finite_rows(rows32).all()):
                 self._raise_non_finite()
             if share:  # the screen is the master: only the float64 squared norms (|x| < 2^128: no overflow)
-                if hashing:
-                    self._hashes[s:e] = _row_hashes(rows32, weights)
                 sqnorms[s:e] = torch.linalg.vector_norm(rows32, dim=1, dtype=torch.float64).square()
                 continue
             if half and not cosine:  # centred in float32 (one rounding, in the bound), norms in float64
-                if hashing:
-                    self._hashes[s:e] = _row_hashes(rows32, weights)
                 x = rows32 - mean
                 sqnorms[s:e] = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
                 exp_b = self._store_half(screen, s, e, x, exp_b)
@@ -409,8 +403,6 @@ class FeatureBank:
             if cosine:
                 norms = x.norm(dim=1, keepdim=True)
                 x = x / norms.clamp_min(1e-300)
-            if hashing:
-                self._hashes[s:e] = _row_hashes(x.to(torch.float32) if cosine else rows32, weights)
             if mean is not None:
                 x = x - mean
             sq = x.square().sum(1)
@@ -523,23 +515,23 @@ class FeatureBank:
 
         For cosine banks rows are compared after normalisation (rounded to float32; positive
         multiples usually coincide, exactly so when the factor is a power of two). Computed on
-        first access (during construction on CUDA): exact integer hashes of the bit patterns (a
-        float64 matrix product) on ``device``, the colliding rows then compared exactly.
+        first access (one more pass over the master; nothing is kept): exact integer hashes of
+        the bit patterns (a float64 matrix product) on ``device``, the colliding rows then
+        compared exactly.
         """
         if self._duplicate_count is None:
             self._duplicate_count = self._count_duplicates()
         return self._duplicate_count
 
     def _count_duplicates(self) -> int:
-        if self._hashes is None:
-            weights = self._hash_weights()
-            self._hashes = torch.empty(self.n_train, 4, dtype=torch.float64, device=self.device)
-            step = max(1, _PREP_ELEMENTS // self.dim)
-            for s in range(0, self.n_train, step):
-                self._hashes[s:s + step] = _row_hashes(self._hash_rows(s, s + step), weights)
-        _, inverse, counts = torch.unique(self._hashes, dim=0, return_inverse=True, return_counts=True)
+        weights = self._hash_weights()
+        hashes = torch.empty(self.n_train, 4, dtype=torch.float64, device=self.device)
+        step = max(1, _PREP_ELEMENTS // self.dim)
+        for s in range(0, self.n_train, step):
+            hashes[s:s + step] = _row_hashes(self._hash_rows(s, s + step), weights)
+        _, inverse, counts = torch.unique(hashes, dim=0, return_inverse=True, return_counts=True)
+        del hashes
         suspects = (counts[inverse] > 1).nonzero().flatten()
-        self._hashes = None
         if suspects.numel() == 0:
             return 0
         rows32, where = self._master_rows(suspects)
@@ -553,14 +545,16 @@ class FeatureBank:
     # ------------------------------------------------------------------ master rows and exact distances
     def _master_rows(self, cols: torch.Tensor):
         """(float32 master rows on ``device``, inverse): row ``inverse[i]`` is master row ``cols[i]``.
-        From a host master each distinct row is gathered once, through a pinned buffer."""
+        From a host master each distinct row is gathered once, through a pinned buffer kept between
+        calls (at most ``_PINNED_ELEMENTS`` values; larger gathers use a transient pageable copy)."""
         if self.master_device == self.device:
             return self.features[cols], torch.arange(cols.numel(), device=self.device)
         unique, inverse = torch.unique(cols.to(self.master_device), return_inverse=True)
         m = unique.numel()
-        if self.device.type == "cuda" and self.master_device.type == "cpu":
+        cap = max(1, _PINNED_ELEMENTS // self.dim)  # rows of the largest pinned buffer kept
+        if self.device.type == "cuda" and self.master_device.type == "cpu" and m <= cap:
             if self._pinned is None or self._pinned.shape[0] < m:
-                self._pinned = torch.empty(max(m, 1024), self.dim, dtype=torch.float32, pin_memory=True)
+                self._pinned = torch.empty(max(m, min(1024, cap)), self.dim, dtype=torch.float32, pin_memory=True)
             buffer = self._pinned[:m]
             torch.index_select(self.features, 0, unique, out=buffer)
             rows = buffer.to(self.device, non_blocking=True)
@@ -570,14 +564,15 @@ class FeatureBank:
         return rows, inverse.to(self.device)
 
     def _exact_pairs(self, queries, qrow, cols) -> torch.Tensor:
-        """Exact float64 keys (squared Euclidean, or cosine distance) of queries[qrow] to master rows cols."""
+        """Exact float64 keys (squared Euclidean, or cosine distance) of queries[qrow] to master rows cols.
+
+        Pairs are evaluated in chunks of ``_PAIR_ELEMENTS // d``, each fetching only its own master
+        rows: memory stays bounded however many pairs are asked for (band re-scans, exact scans)."""
         out = torch.empty(qrow.numel(), dtype=torch.float64, device=self.device)
-        if qrow.numel() == 0:
-            return out
-        rows32, where = self._master_rows(cols)
-        step = max(1, 2 ** 21 // self.dim)
+        step = max(1, _PAIR_ELEMENTS // self.dim)
         for s in range(0, qrow.numel(), step):
-            b = rows32[where[s:s + step]].to(torch.float64)
+            rows32, where = self._master_rows(cols[s:s + step])
+            b = rows32[where].to(torch.float64)
             q = queries[qrow[s:s + step]].to(torch.float64)
             if self.distance == "euclidean":
                 out[s:s + step] = b.sub_(q).square_().sum(1)
@@ -773,13 +768,13 @@ class FeatureBank:
         b = queries.shape[0]
         best_k = torch.full((b, k), math.inf, dtype=torch.float64, device=self.device)
         best_i = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        step = max(1, 2 ** 20 // max(1, b))
+        step = max(1, 2 ** 20 // max(1, b))  # about 2^20 pairs (index tensors of 8 MB) per step
         ar = torch.arange(b, device=self.device)
         for s in range(0, self.n_train, step):
             e = min(s + step, self.n_train)
-            cols = torch.arange(s, e, device=self.device)
-            rows = ar.repeat_interleave(e - s)
-            cols = cols.repeat(b)
+            # bank-row-major: a chunk of pairs in _exact_pairs gathers each of its rows once for all b queries
+            cols = torch.arange(s, e, device=self.device).repeat_interleave(b)
+            rows = ar.repeat(e - s)
             keep = torch.ones_like(rows, dtype=torch.bool)
             if mask is not None:
                 keep &= mask[cols]
@@ -841,7 +836,7 @@ class FeatureBank:
         inband = v <= thr[:, None]
         complete = ~inband[:, -1] if c < n_eff else torch.ones_like(usable)
         if primary and self._has_fallback():  # wide half-precision bands: re-screen in float32 (cheaper)
-            heavy = usable & (~complete | (inband.sum(1) > k + 4 + self.n_train // 1000))
+            heavy = usable & ~complete  # (a complete band is re-ranked exactly: at most k + candidates pairs)
             h = heavy.nonzero().flatten()
             if h.numel():
                 sub_self = self_rows[h] if self_rows is not None else None

@@ -1,7 +1,6 @@
 """CUDA paths (run only where a CUDA device is present; see tests/conftest.py): tensor-core half
 screens, host master gathers, faiss' GPU index, device-side set-up and a monitor evaluation."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -64,6 +63,44 @@ def test_tensor_core_screen_stays_within_the_bound(screen, distance):
     assert 1e-4 < worst <= 1.0
 
 
+def test_host_master_gathers_keep_a_bounded_pinned_buffer(monkeypatch):
+    """Exact scans and band re-scans gather master rows per chunk of pairs; the pinned staging
+    buffer kept between calls stays within _PINNED_ELEMENTS (larger gathers, e.g. many duplicate
+    suspects, go through a transient copy) and answers stay exact."""
+    from irs_callbacks import retrieval
+
+    monkeypatch.setattr(retrieval, "_PAIR_ELEMENTS", 64 * 8)  # d = 64: 8 pairs per chunk
+    monkeypatch.setattr(retrieval, "_PINNED_ELEMENTS", 64 * 16)  # at most 16 pinned rows kept
+    bank, queries = near_tie_data()
+    huge = torch.randn(3, 64, dtype=torch.float64) * 1e100  # squared norms > 2^120: exact scan
+    queries = torch.cat([queries.double(), huge])
+    for distance in ("euclidean", "cosine"):
+        fb = FeatureBank(bank, distance=distance, device=CUDA, screen_dtype="float16", master_device="cpu",
+                         chunk_size=200, block_size=16, candidates=4)
+        idx = fb.knn(queries, 5)[1].cpu()
+        assert torch.equal(idx, torch.argsort(brute_keys(bank, queries, distance), dim=1, stable=True)[:, :5])
+        assert fb._pinned is not None and fb._pinned.shape[0] <= 16
+        assert fb.duplicate_count == 40  # rows 100..139 equal row 7: 41 suspects, more than the pinned rows
+        assert fb._pinned.shape[0] <= 16
+
+
+def test_cuda_bank_keeps_no_row_hashes_until_duplicates_are_counted():
+    """Row hashes (N x 4 float64) are computed when duplicate_count is first asked, and freed;
+    a bank whose count comes from file metadata never holds them on the GPU."""
+    small = FeatureBank(inception_like(500, 64, 8), device=CUDA)  # warm-up: cuBLAS workspace, kernels
+    small.search(inception_like(10, 64, 9))
+    n = 100_000
+    x = inception_like(n, 64, 7)
+    x[-5:] = x[:5]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    fb = FeatureBank(x, device=CUDA)  # float16 screen, float32 master on the host
+    kept = fb.screen_bytes + n * 4  # the half copy and its float32 squared norms
+    assert torch.cuda.memory_allocated() - before <= kept + 2 ** 16  # (hashes would add n * 32 bytes)
+    assert fb.duplicate_count == 5
+    assert torch.cuda.memory_allocated() - before <= kept + 2 ** 16
+
+
 def test_tf32_float32_screen_is_still_exact():
     bank, queries = near_tie_data(1)
     old = torch.backends.cuda.matmul.allow_tf32
@@ -93,6 +130,37 @@ def test_reference_bank_set_up_on_cuda_equals_cpu():
     assert torch.equal(on_gpu.real_nearest, on_cpu.real_nearest) and on_gpu.real == on_cpu.real
     assert on_gpu.duplicate_count == on_cpu.duplicate_count == 10
     assert on_gpu.bank(device=CUDA).screen_dtype == torch.float16
+
+
+def test_unmeasured_reference_bank_counts_duplicates_on_its_device(monkeypatch):
+    from irs_callbacks.reference import ReferenceBank
+
+    built = []
+    original = FeatureBank._prepare_screen
+    monkeypatch.setattr(FeatureBank, "_prepare_screen", lambda self, *args: built.append(self) or original(self, *args))
+    x = inception_like(3000, 64, 4)
+    x[2990:] = x[:10]
+    ref = ReferenceBank.from_features(x, measure=False, device=CUDA)
+    assert ref.duplicate_count == 10
+    assert [b.device.type for b in built] == ["cuda"]  # (was a CPU bank whatever the device)
+    assert ref.bank(device=CUDA) is built[0]
+
+
+def test_reference_score_searches_cuda_samples_without_a_host_round_trip(monkeypatch):
+    from irs_callbacks.reference import ReferenceBank
+
+    x = inception_like(2000, 64, 6)
+    ref = ReferenceBank.from_features(x, device=CUDA)
+    bank, seen = ref.bank(device=CUDA), []
+    search = bank.search
+    monkeypatch.setattr(bank, "search", lambda queries, **kw: seen.append(queries) or search(queries, **kw))
+    samples = (x[:100] + 1e3 * torch.randn(100, 64)).to(CUDA)
+    samples[5, 0] = float("nan")
+    result = ref.score(samples, device=CUDA)
+    assert seen[-1].data_ptr() == samples.data_ptr()  # searched where it was (was copied to the host and back)
+    truth = brute_keys(x, samples.cpu()).argmin(1)
+    truth[5] = -1
+    assert result == ref.score_indices(truth)
 
 
 class _Rows:
@@ -137,4 +205,3 @@ def test_monitor_evaluation_on_cuda_equals_cpu(tmp_path, monkeypatch):
     assert (gpu.verdict, gpu.rule, gpu.samples_used, gpu.n_learned) == (cpu.verdict, cpu.rule, cpu.samples_used,
                                                                          cpu.n_learned)
     assert gpu.verdict == "reject" and gpu.curve == cpu.curve  # coverage 1500 / 4000 < 0.8
-    assert os.path.isdir(tmp_path)

@@ -296,3 +296,21 @@ def test_score_indices_checks_its_input_and_is_cheap_to_repeat(digits):
     everything_invalid = bank.score_indices(torch.full((5,), -1))
     assert everything_invalid.irs_inf is None and everything_invalid.adjusted == 0.0
     assert everything_invalid.n_invalid == 5
+
+
+def test_score_searches_the_samples_as_given_and_marks_invalid_rows(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    ref = ReferenceBank.from_features(torch.randn(200, 16, generator=g), seed=0)
+    samples = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    samples[3, 1] = float("nan")
+    samples[7, 0] = 1e300  # finite in float64, inf once rounded to float32 like the bank: invalid
+    bank, seen = ref.bank(), []
+    search = bank.search
+    monkeypatch.setattr(bank, "search", lambda queries, **kw: seen.append(queries) or search(queries, **kw))
+    result = ref.score(samples)
+    truth, _ = brute_force_nn(ref.features, samples.float())
+    assert truth[[3, 7]].tolist() == [-1, -1]
+    assert result == ref.score_indices(truth) and result.n_invalid == 2 and result.n_samples == 50
+    as_stored = samples.float()
+    ref.score(as_stored)
+    assert seen[-1].data_ptr() == as_stored.data_ptr()  # float32 on the bank's device: searched without a copy

@@ -81,3 +81,28 @@ def test_numpy_features_and_lazy_duplicate_count():
     ref = ReferenceBank(x)
     assert "duplicate_count" not in ref.metadata
     assert ref.duplicate_count == 3 and ref.metadata["duplicate_count"] == 3
+
+
+def test_unmeasured_bank_counts_duplicates_with_the_bank_it_keeps_for_scoring(monkeypatch):
+    built = []
+    original = retrieval.FeatureBank._prepare_screen
+    monkeypatch.setattr(retrieval.FeatureBank, "_prepare_screen",
+                        lambda self, *args: built.append(self) or original(self, *args))
+    ref = ReferenceBank.from_features(features(), measure=False, device="cpu")
+    assert ref.real is None and ref.metadata["duplicate_count"] == 3 and len(built) == 1
+    assert ref.bank(device="cpu") is built[0]
+
+
+def test_invalid_held_out_queries_count_for_nothing():
+    """A held-out reference with NaN rows measures exactly what the same reference without them does."""
+    x = features(300, 16)
+    held = torch.randn(120, 16, generator=torch.Generator().manual_seed(5))
+    with_nan = torch.cat([held[:50], torch.full((10, 16), float("nan")), held[50:]])
+    clean = ReferenceBank.from_features(x, reference_features=held)
+    dirty = ReferenceBank.from_features(x, reference_features=with_nan)
+    truth = brute_nearest(x, held)
+    assert clean.real == irs_infinity(int(torch.unique(truth).numel()), 120, 300)
+    assert dirty.real == clean.real and dirty.real.n_samples == 120
+    assert dirty.metadata["real_measurement"]["n_invalid"] == 10
+    assert dirty.real_at(100) == clean.real_at(100) != clean.real  # subsets of the 120 valid queries
+    assert dirty.real_at(119) == clean.real_at(119) and dirty.real_at(120) == clean.real

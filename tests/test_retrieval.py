@@ -382,3 +382,35 @@ def test_wide_half_bands_are_rescreened_in_float32_on_the_master(screen, monkeyp
     cosine = FeatureBank(bank, distance="cosine", screen_dtype=screen, candidates=8)  # no fallback: band scan
     _, idx = cosine.knn(queries, 2)
     assert torch.equal(idx, torch.argsort(brute_keys(bank, queries, "cosine"), dim=1, stable=True)[:, :2])
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_exact_stage_fetches_master_rows_per_bounded_chunk(distance, monkeypatch):
+    """Band re-scans and exact scans (unscreenable queries) hand many pairs to the exact stage at
+    once; it fetches master rows per chunk of ``_PAIR_ELEMENTS // d`` pairs (at N = 1.28M, d = 2048
+    a whole scan step at once was 8 GiB), and the answers stay the float64 brute force's."""
+    from irs_callbacks import retrieval
+
+    monkeypatch.setattr(retrieval, "_PAIR_ELEMENTS", 64 * 8, raising=False)  # d = 64: 8 pairs per chunk
+    fetched, asked = [], []
+    master_rows, exact_pairs = FeatureBank._master_rows, FeatureBank._exact_pairs
+
+    def counting_rows(self, cols):
+        fetched.append(cols.numel())
+        return master_rows(self, cols)
+
+    def counting_pairs(self, queries, qrow, cols):
+        asked.append(qrow.numel())
+        return exact_pairs(self, queries, qrow, cols)
+
+    monkeypatch.setattr(FeatureBank, "_master_rows", counting_rows)
+    monkeypatch.setattr(FeatureBank, "_exact_pairs", counting_pairs)
+    bank, queries = near_tie_data()
+    g = torch.Generator().manual_seed(9)
+    huge = torch.randn(3, 64, generator=g, dtype=torch.float64) * 1e100  # squared norms > 2^120: exact scan
+    queries = torch.cat([queries.double(), huge])
+    fb = FeatureBank(bank, distance=distance, screen_dtype="float16", chunk_size=200, block_size=16, candidates=4)
+    _, idx = fb.knn(queries, 5)
+    assert torch.equal(idx, torch.argsort(brute_keys(bank, queries, distance), dim=1, stable=True)[:, :5])
+    assert max(asked) > 200  # the band re-scan / exact scan asked for many pairs at once ...
+    assert 0 < max(fetched) <= 8  # ... and no gather fetched more rows than one chunk
