@@ -11,7 +11,9 @@ other evaluated ones. Never deleted:
 - the best-scoring one, the one training resumed from, unevaluated ones;
 - a checkpoint whose writing was interrupted (kept, marked ``incomplete``);
 - a folder that now holds another run's or another monitor's checkpoint (its state file carries
-  another id), symbolic links, anything that is not a real folder.
+  another id), symbolic links, anything that is not a real folder;
+- a folder that contains another registered checkpoint or the ledger (``save_state(output_dir)``
+  registers ``output_dir`` itself: deleting it would delete everything inside).
 
 Every decision goes to a JSON ledger (default ``irs_pruning_ledger.json`` beside the checkpoints,
 written atomically) *before* anything is deleted: a deletion is recorded as ``"pending"``, then
@@ -205,6 +207,15 @@ class CheckpointPruner:
                 decisions[entry.path] = ("incomplete", "writing was interrupted: never counted as the newest "
                                                        "checkpoint, never deleted")
                 continue
+            holds = _holds(entry.path, [e.path for e in registry.entries if e.path != entry.path])
+            if holds:
+                names = ", ".join(os.path.relpath(p, entry.path) for p in holds[:3])
+                names += ", ..." if len(holds) > 3 else ""
+                decisions[entry.path] = ("kept", f"holds other checkpoints ({names}): never deleted")
+                continue
+            if _holds(entry.path, [str(self.ledger_path)]):
+                decisions[entry.path] = ("kept", "holds the pruning ledger: never deleted")
+                continue
             present[entry.path] = entry
         judged = {p: e for p, e in present.items() if e.step in evaluations}
         score = {p: evaluations[e.step].score for p, e in judged.items()}
@@ -276,6 +287,13 @@ class CheckpointPruner:
                 changes["deleted"].append(path)
             self._save()
         return changes
+
+
+def _holds(folder: str, paths) -> list:
+    """The ``paths`` inside ``folder`` (links not followed): deleting it would delete them."""
+    folder = os.path.abspath(folder)
+    return [p for p in paths if os.path.abspath(p) != folder
+            and os.path.commonpath([os.path.abspath(p), folder]) == folder]
 
 
 def _fmt(score) -> str:

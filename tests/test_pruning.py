@@ -246,3 +246,36 @@ def test_bad_arguments_and_unreadable_ledger(tmp_path):
     (tmp_path / LEDGER_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         opened(tmp_path)
+
+
+def test_a_folder_holding_other_checkpoints_or_the_ledger_is_never_deleted(tmp_path, registry):
+    """save_state(output_dir) registers output_dir itself: deleting it would take every checkpoint
+    (and the ledger) inside it with it."""
+    out = tmp_path / "out"
+    save(out, registry, [1, 2])
+    save(tmp_path, registry, [3], name="out")  # save_state(out) at step 3, rejected
+    save(out, registry, [4])
+    p = opened(out)  # the ledger inside out
+    changes = p.update(registry, verdicts((1, "reject", 0.1), (2, "pass", 0.9), (3, "reject", 0.05),
+                                          (4, "pass", 0.5)))
+    assert [os.path.basename(d) for d in changes["deleted"]] == ["checkpoint-1"]
+    assert existing(out) == ["checkpoint-2", "checkpoint-4"] and (out / LEDGER_NAME).is_file()
+    record = ledger(out)["."]
+    assert record["status"] == "kept" and "holds other checkpoints" in record["reason"]
+
+    inner = tmp_path / "inner"  # the ledger elsewhere: the container alone is enough to keep it
+    other = save(inner, CheckpointRegistry("run"), [1])
+    save(tmp_path, other, [2], name="inner")
+    save(tmp_path / "x", other, [3])
+    q = opened(tmp_path / "ledger")
+    q.update(other, verdicts((1, "pass", 0.9), (2, "reject", 0.1), (3, "pass", 0.5)))
+    assert existing(inner) == ["checkpoint-1"]
+    assert "holds other checkpoints" in json.loads((tmp_path / "ledger" / LEDGER_NAME).read_text())[
+        "checkpoints"][str(inner)]["reason"]
+
+    alone = tmp_path / "alone"  # holds only the ledger
+    third = save(tmp_path, CheckpointRegistry("run"), [1], name="alone")
+    save(tmp_path / "y", third, [2])
+    opened(alone).update(third, verdicts((1, "reject", 0.1), (2, "pass", 0.9)))
+    assert (alone / LEDGER_NAME).is_file() and (alone / "model.safetensors").is_file()
+    assert "holds the pruning ledger" in ledger(alone)["."]["reason"]
