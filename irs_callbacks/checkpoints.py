@@ -88,9 +88,14 @@ class CheckpointRegistry:
         return entry
 
     @property
+    def of_this_run(self) -> list[CheckpointEntry]:
+        """Entries this run wrote (not restored ones of the runs it resumed from), oldest first."""
+        return [e for e in self.entries if e.run_id == self.run_id]
+
+    @property
     def pending(self) -> list[CheckpointEntry]:
         """Entries of this run whose step is not known yet (saved since the last ``step()``)."""
-        return [e for e in self.entries if e.step is None and e.run_id == self.run_id]
+        return [e for e in self.of_this_run if e.step is None]
 
     def resolve(self, step: int) -> list[CheckpointEntry]:
         """Tie the pending entries to ``step`` and mark them complete (``save_state`` returned)."""
@@ -101,7 +106,7 @@ class CheckpointRegistry:
 
     def newest(self) -> CheckpointEntry | None:
         """The newest complete checkpoint this run wrote (never one of an earlier run)."""
-        mine = [e for e in self.entries if e.run_id == self.run_id and e.complete]
+        mine = [e for e in self.of_this_run if e.complete]
         return mine[-1] if mine else None
 
     def find(self, path) -> CheckpointEntry | None:

@@ -526,9 +526,10 @@ class IRSMonitor:
             return
         try:
             if not self.pruner.is_open:
-                if not self.registry.entries:
+                own = self.registry.of_this_run  # not a restored one: it may lie in another experiment's folder
+                if not own:
                     return
-                self.pruner.open(default_ledger_folder(self.registry.entries[0].path), self.registry.run_id)
+                self.pruner.open(default_ledger_folder(own[0].path), self.registry.run_id)
             evaluations = {r.step: Verdict(r.verdict, r.score) for r in self.history}
             unjudged = [entry for entry in saved if entry.step not in evaluations]
             if unjudged and "unjudged" not in self._warned:

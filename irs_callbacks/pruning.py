@@ -13,10 +13,12 @@ other evaluated ones. Never deleted:
 - a folder that now holds another run's or another monitor's checkpoint (its state file carries
   another id), symbolic links, anything that is not a real folder;
 - a folder that contains another registered checkpoint or the ledger (``save_state(output_dir)``
-  registers ``output_dir`` itself: deleting it would delete everything inside).
+  registers ``output_dir`` itself: deleting it would delete everything inside);
+- a checkpoint of an earlier run (restored by a resume) outside the ledger's folder: after resuming
+  from another experiment's checkpoint, that experiment's folders are not this run's to prune.
 
-Every decision goes to a JSON ledger (default ``irs_pruning_ledger.json`` beside the checkpoints,
-written atomically) *before* anything is deleted: a deletion is recorded as ``"pending"``, then
+Every decision goes to a JSON ledger (default ``irs_pruning_ledger.json`` beside the first
+checkpoint this run wrote, written atomically) *before* anything is deleted: a deletion is recorded as ``"pending"``, then
 the folder is removed, then the entry becomes ``"deleted"``; a folder that cannot be removed
 becomes ``"delete_failed"`` (with the error) and the others go on. A registered folder that
 disappeared without the pruner (a trainer's ``checkpoints_total_limit``, Accelerate's
@@ -96,7 +98,8 @@ class CheckpointPruner:
         mode: ``"rejected"`` or ``"top_k"``.
         top_k: checkpoints kept by ``"top_k"``.
         dry_run: only write the ledger.
-        ledger: the ledger file (default: ``irs_pruning_ledger.json`` beside the first checkpoint).
+        ledger: the ledger file (default: ``irs_pruning_ledger.json`` beside the first checkpoint this run
+            writes).
     """
 
     def __init__(self, mode: str = "rejected", *, top_k: int = 3, dry_run: bool = False, ledger=None):
@@ -183,6 +186,10 @@ class CheckpointPruner:
         newest = registry.newest()
         present, decisions = {}, {}
         for entry in registry.entries:
+            if entry.run_id != registry.run_id and not _inside(entry.path, self.ledger_path.parent):
+                decisions[entry.path] = ("kept", "an earlier run's checkpoint in another folder than the ledger's "
+                                                 "(resumed from another experiment): not judged, never deleted")
+                continue
             path = Path(entry.path)
             done = self.checkpoints.get(self._key(entry.path), {})
             if not path.exists() and not path.is_symlink():
@@ -207,13 +214,13 @@ class CheckpointPruner:
                 decisions[entry.path] = ("incomplete", "writing was interrupted: never counted as the newest "
                                                        "checkpoint, never deleted")
                 continue
-            holds = _holds(entry.path, [e.path for e in registry.entries if e.path != entry.path])
+            holds = [e.path for e in registry.entries if _inside(e.path, entry.path)]
             if holds:
                 names = ", ".join(os.path.relpath(p, entry.path) for p in holds[:3])
                 names += ", ..." if len(holds) > 3 else ""
                 decisions[entry.path] = ("kept", f"holds other checkpoints ({names}): never deleted")
                 continue
-            if _holds(entry.path, [str(self.ledger_path)]):
+            if _inside(self.ledger_path, entry.path):
                 decisions[entry.path] = ("kept", "holds the pruning ledger: never deleted")
                 continue
             present[entry.path] = entry
@@ -289,11 +296,10 @@ class CheckpointPruner:
         return changes
 
 
-def _holds(folder: str, paths) -> list:
-    """The ``paths`` inside ``folder`` (links not followed): deleting it would delete them."""
-    folder = os.path.abspath(folder)
-    return [p for p in paths if os.path.abspath(p) != folder
-            and os.path.commonpath([os.path.abspath(p), folder]) == folder]
+def _inside(path, folder) -> bool:
+    """Whether ``path`` lies strictly inside ``folder`` (links not followed)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
 
 
 def _fmt(score) -> str:

@@ -282,3 +282,20 @@ def test_samples_outside_their_value_range_give_no_verdict_and_delete_nothing(tm
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4",
                                                                             "checkpoint-8"]
     del model
+
+
+def test_resuming_from_another_experiments_folder_prunes_only_this_runs_folder(tmp_path):
+    """A sweep run started from a parent experiment's checkpoint: the parent's checkpoints (restored
+    with the history) are neither judged nor deleted, and the ledger goes beside this run's own."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    run(parent, 8)
+    before = sorted(p.name for p in parent.iterdir())
+    m = run(child, 20, resume=parent / "checkpoint-8", pruner="rejected")
+    m.close()
+    assert m.history[0].step == 4 and m.history[0].verdict == "reject"  # restored: the parent's step 4 was rejected
+    assert sorted(p.name for p in parent.iterdir()) == before  # nothing deleted there, no ledger written there
+    ledger = json.loads((child / LEDGER_NAME).read_text())["checkpoints"]
+    assert ledger[str(parent / "checkpoint-4")]["status"] == "kept"
+    assert "another folder" in ledger[str(parent / "checkpoint-4")]["reason"]
+    deleted = [name for name, e in ledger.items() if e["status"] == "deleted"]
+    assert deleted and all(not (child / name).exists() and name.startswith("checkpoint-") for name in deleted)
