@@ -46,6 +46,7 @@ import os
 import shutil
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,9 @@ __all__ = ["CheckpointPruner", "LEDGER_NAME", "PRUNE_MODES", "Verdict", "default
 LEDGER_NAME = "irs_pruning_ledger.json"
 PRUNE_MODES = ("rejected", "top_k")
 LEDGER_VERSION = 2
-_HELD: dict[str, int] = {}  # ledger path -> id() of the pruner holding it in this process
+#: ledger path -> the pruner holding it in this process (weak: a pruner that no longer exists, e.g.
+#: one whose monitor was never closed after an error in a notebook, holds nothing)
+_HELD: "weakref.WeakValueDictionary[str, CheckpointPruner]" = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ class CheckpointPruner:
             self.ledger_path = expand_path(default_folder, "ledger folder") / LEDGER_NAME
         path = self.ledger_path
         key = str(path.resolve())
-        if _HELD.get(key, id(self)) != id(self):
+        if _HELD.get(key, self) is not self:
             raise ValueError(f"pruning ledger {path} is already used by another monitor in this process; two "
                              "pruning monitors on one folder would delete each other's checkpoints: give the second "
                              "its own ledger and checkpoint folder, or prune with one monitor only")
@@ -149,7 +152,7 @@ class CheckpointPruner:
                              f"{LEDGER_VERSION}); move it away to start a new one")
         self.checkpoints = dict(data.get("checkpoints", {}))
         self.run_id = run_id
-        _HELD[key] = id(self)
+        _HELD[key] = self
         self._save()
 
     def close(self) -> None:
@@ -157,7 +160,7 @@ class CheckpointPruner:
         if not self.is_open:
             return
         key = str(self.ledger_path.resolve())
-        if _HELD.get(key) == id(self):
+        if _HELD.get(key) is self:
             del _HELD[key]
         self._save(owner=False)
         self.run_id = None

@@ -1,6 +1,7 @@
 """Checkpoint pruning: verdict-based deletion of registered checkpoints, protection rules, the
 ledger written first, crash safety, failures that do not block, one pruning monitor per ledger."""
 
+import gc
 import json
 import os
 import shutil
@@ -222,6 +223,10 @@ def test_one_pruning_monitor_per_ledger(tmp_path, registry):
         opened(tmp_path)
     first.close()
     opened(tmp_path).close()  # free again
+    abandoned = opened(tmp_path)  # e.g. a notebook cell that raised before monitor.close()
+    del abandoned
+    gc.collect()
+    opened(tmp_path).close()  # a pruner that no longer exists holds nothing
     # a ledger owned by another live process on this host
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
