@@ -182,6 +182,7 @@ class IRSMonitor:
         self._pruning_off: str | None = None
         self._resumed_from: str | None = None
         self._last_step = 0  # the latest step() argument
+        self._attempted: int | None = None  # the latest step an evaluation was tried at (passed or failed)
         self._warned: set = set()
 
     # ------------------------------------------------------------------------------ connecting
@@ -363,6 +364,7 @@ class IRSMonitor:
             self._write_checkpoint_states(saved)
         result = None
         if self._due(step, bool(saved)):
+            self._attempted = step  # tried once: a failure is not retried on every micro-batch
             result = self._guarded_evaluate(step)
             if result is not None:
                 self._update_stopping(result)
@@ -379,7 +381,7 @@ class IRSMonitor:
 
     def _due(self, step: int, saved: bool) -> bool:
         if (self._disabled is not None or self.should_stop or step <= 0 or step < self.start_step
-                or any(r.step == step for r in self.history)):
+                or step == self._attempted or any(r.step == step for r in self.history)):
             return False
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0

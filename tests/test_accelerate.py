@@ -299,3 +299,25 @@ def test_resuming_from_another_experiments_folder_prunes_only_this_runs_folder(t
     assert "another folder" in ledger[str(parent / "checkpoint-4")]["reason"]
     deleted = [name for name, e in ledger.items() if e["status"] == "deleted"]
     assert deleted and all(not (child / name).exists() and name.startswith("checkpoint-") for name in deleted)
+
+
+def test_a_failed_evaluation_is_not_retried_when_the_same_step_comes_again(tmp_path, caplog):
+    """Gradient accumulation calls step() with the same global step once per micro-batch: a failed
+    evaluation is tried once, not once per micro-batch."""
+    from monitor_helpers import make_monitor
+
+    calls = []
+
+    def broken(batch_size, generator):
+        calls.append(batch_size)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    m = make_monitor(tmp_path, every_n_steps=4, num_samples=60, batch_size=60, tensorboard=False)
+    with caplog.at_level(logging.ERROR, logger="irs_callbacks.monitor"):
+        for step in [3, 3, 4, 4, 4, 4, 5]:
+            m.step(step, sampler=broken)
+    assert len(calls) == 1 and [s for s, _ in m.errors] == [4] and "out of memory" in m.errors[0][1]
+    assert sum("evaluation at step 4 failed" in r.message for r in caplog.records) == 1
+    m.step(8, sampler=PoolSampler(HELD, replace=False))
+    assert [r.step for r in m.history] == [8]  # the next due step is evaluated as usual
+    m.close()
