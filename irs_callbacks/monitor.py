@@ -52,7 +52,7 @@ from irs_callbacks.samplers import as_sampler, preserved_rng
 from irs_callbacks.sinks import EvaluationFileSink, HistorySink, TensorBoardSink
 from irs_callbacks.stopping import EarlyStopping
 from irs_callbacks.tracking import LAST_EVALUATION_NAME, BackgroundWork, TensorBoardLogger
-from irs_callbacks.validation import check_fraction, check_int, check_probability
+from irs_callbacks.validation import check_choice, check_fraction, check_int, check_probability
 
 __all__ = ["IRSMonitor", "MonitorOptions", "ReferenceConfig", "EvaluationResult", "EvaluationError", "SetupError",
            "default_budget"]
@@ -154,9 +154,7 @@ class IRSMonitor:
             keep_samples=self.options.num_log_images if self.options.log_images else 0)
         self.stopping = EarlyStopping(patience)
         if isinstance(pruner, str):
-            if pruner not in PRUNE_MODES:
-                raise ValueError(f"pruner must be a CheckpointPruner or one of {PRUNE_MODES}, got {pruner!r}")
-            pruner = CheckpointPruner(pruner)
+            pruner = CheckpointPruner(check_choice(pruner, "pruner", PRUNE_MODES))
         if pruner is not None and not isinstance(pruner, CheckpointPruner):
             raise TypeError(f"pruner must be a CheckpointPruner, a mode string or None, got {type(pruner).__name__}")
         self.pruner = pruner

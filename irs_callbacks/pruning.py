@@ -45,12 +45,11 @@ import json
 import os
 import shutil
 import socket
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from irs_callbacks.checkpoints import CheckpointRegistry, read_checkpoint_state
+from irs_callbacks.checkpoints import CheckpointRegistry, read_checkpoint_state, timestamp
 from irs_callbacks.files import expand_path, write_json_atomic
 from irs_callbacks.validation import check_choice, check_int
 
@@ -78,10 +77,6 @@ def default_ledger_folder(checkpoint_path) -> Path:
     itself prunes and must hold folders only)."""
     parent = Path(checkpoint_path).resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -277,7 +272,7 @@ class CheckpointPruner:
                 "step": entry.step, "run_id": entry.run_id, "checkpoint_id": entry.checkpoint_id,
                 "verdict": None if verdict is None else verdict.verdict,
                 "score": None if verdict is None else verdict.score,
-                "status": status, "reason": reason, "time": _now()}
+                "status": status, "reason": reason, "time": timestamp()}
         self._save()  # the ledger says why *before* anything is deleted
         if self.dry_run:
             changes["deleted"] = to_delete
@@ -290,10 +285,10 @@ class CheckpointPruner:
                 shutil.rmtree(path)
             except OSError as error:
                 record.update(status="delete_failed", reason=f"{record['reason']}; could not delete: {error}",
-                              time=_now())
+                              time=timestamp())
                 changes["failed"][path] = str(error)
             else:
-                record.update(status="deleted", time=_now())
+                record.update(status="deleted", time=timestamp())
                 changes["deleted"].append(path)
             self._save()
         return changes
