@@ -104,7 +104,7 @@ class CheckpointPruner:
         self.mode = check_choice(mode, "mode", PRUNE_MODES)
         self.top_k = check_int(top_k, "top_k", 1)
         self.dry_run = bool(dry_run)
-        self.ledger_path = None if ledger is None else expand_path(ledger, "ledger")
+        self._ledger_path = None if ledger is None else expand_path(ledger, "ledger")
         self.checkpoints: dict[str, dict] = {}
         self.run_id: str | None = None
 
@@ -113,6 +113,12 @@ class CheckpointPruner:
                 f"ledger={None if self.ledger_path is None else str(self.ledger_path)!r})")
 
     # -- the ledger ---------------------------------------------------------------------------
+    @property
+    def ledger_path(self) -> Path | None:
+        """The ledger file: the one given, else set by :meth:`open` (None before); kept after
+        :meth:`close`, for reading the ledger back."""
+        return self._ledger_path
+
     @property
     def is_open(self) -> bool:
         return self.run_id is not None
@@ -123,7 +129,7 @@ class CheckpointPruner:
         if self.is_open:
             return
         if self.ledger_path is None:
-            self.ledger_path = expand_path(default_folder, "ledger folder") / LEDGER_NAME
+            self._ledger_path = expand_path(default_folder, "ledger folder") / LEDGER_NAME
         path = self.ledger_path
         key = str(path.resolve())
         if _HELD.get(key, self) is not self:

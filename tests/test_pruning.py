@@ -91,6 +91,8 @@ def test_any_name_or_folder_is_judged_by_its_registered_step(tmp_path, registry)
     p = CheckpointPruner()
     p.open(pruning.default_ledger_folder(registry.entries[0].path), "run")
     assert p.ledger_path == root / LEDGER_NAME  # beside, not inside, Accelerate's checkpoints/ folder
+    with pytest.raises(AttributeError):
+        p.ledger_path = tmp_path / "elsewhere.json"  # read-only: moving an open ledger would orphan it
     p.update(registry, verdicts((50, "reject", 0.1), (100, "pass", 0.9), (150, "pass", 0.8)))
     assert sorted(os.listdir(root / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
     assert ledger(root)["checkpoints/checkpoint_0"]["step"] == 50
