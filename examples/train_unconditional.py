@@ -230,8 +230,8 @@ def main(argv=None):
             adjusted = "n/a" if r.adjusted is None else f"{r.adjusted:.3f}"
             print(f"IRS step {r.step:>6}: {r.verdict:<6} ({r.rule}) samples {r.samples_used}/{r.budget} "
                   f"N_learned {r.n_learned} (final threshold {r.k_final}) IRS_inf {estimate} adjusted {adjusted}")
-        ledger = out / "irs_pruning_ledger.json"
-        if ledger.exists():
+        ledger = monitor.pruner.ledger_path if monitor.pruner is not None else None  # set once pruning began
+        if ledger is not None and ledger.exists():
             import json
 
             for name, e in json.loads(ledger.read_text())["checkpoints"].items():

@@ -27,7 +27,7 @@ from pathlib import Path
 from irs_callbacks.files import expand_path, write_json_atomic
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "CheckpointEntry", "CheckpointRegistry", "read_checkpoint_state",
-           "latest_checkpoint", "new_id"]
+           "latest_checkpoint", "new_id", "timestamp"]
 
 #: the monitor's state file inside each checkpoint folder
 STATE_FILE = "irs_monitor_state.json"
@@ -41,7 +41,8 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
-def _now() -> str:
+def timestamp() -> str:
+    """The local time now, ISO 8601 with its UTC offset (``2025-01-31T14:05:09+0100``)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
@@ -83,14 +84,19 @@ class CheckpointRegistry:
         folder registered before replaces that entry."""
         path = os.path.abspath(expand_path(path, "checkpoint folder"))
         self.entries = [e for e in self.entries if e.path != path]
-        entry = CheckpointEntry(path=path, checkpoint_id=new_id(), run_id=self.run_id, saved=_now())
+        entry = CheckpointEntry(path=path, checkpoint_id=new_id(), run_id=self.run_id, saved=timestamp())
         self.entries.append(entry)
         return entry
 
     @property
+    def of_this_run(self) -> list[CheckpointEntry]:
+        """Entries this run wrote (not restored ones of the runs it resumed from), oldest first."""
+        return [e for e in self.entries if e.run_id == self.run_id]
+
+    @property
     def pending(self) -> list[CheckpointEntry]:
         """Entries of this run whose step is not known yet (saved since the last ``step()``)."""
-        return [e for e in self.entries if e.step is None and e.run_id == self.run_id]
+        return [e for e in self.of_this_run if e.step is None]
 
     def resolve(self, step: int) -> list[CheckpointEntry]:
         """Tie the pending entries to ``step`` and mark them complete (``save_state`` returned)."""
@@ -101,7 +107,7 @@ class CheckpointRegistry:
 
     def newest(self) -> CheckpointEntry | None:
         """The newest complete checkpoint this run wrote (never one of an earlier run)."""
-        mine = [e for e in self.entries if e.run_id == self.run_id and e.complete]
+        mine = [e for e in self.of_this_run if e.complete]
         return mine[-1] if mine else None
 
     def find(self, path) -> CheckpointEntry | None:
@@ -111,12 +117,9 @@ class CheckpointRegistry:
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "entries": [e.as_dict() for e in self.entries]}
 
-    def load_state_dict(self, state: dict, *, keep_run_id: bool = False) -> None:
-        """Restore the entries of a resumed lineage; the current run keeps its own id unless
-        ``keep_run_id``."""
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the entries of a resumed lineage; the current run keeps its own id."""
         self.entries = [CheckpointEntry.from_dict(e) for e in state.get("entries", [])]
-        if keep_run_id:
-            self.run_id = str(state.get("run_id", self.run_id))
 
 
 def write_checkpoint_state(folder, entry: CheckpointEntry, monitor_state: dict) -> Path:

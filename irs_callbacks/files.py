@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -32,10 +33,27 @@ def expand_path(path, name: str = "path") -> Path:
     return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
 
 
+_UMASK_LOCK = threading.Lock()
+_umask_at_start: int | None = None
+
+
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it: set and restore at once
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it: from ``/proc/self/status`` (Linux), else set
+    and restored once under a lock and cached (``os.umask`` has no read-only form; setting it,
+    even for a moment, would give files other threads create meanwhile the wrong mode)."""
+    global _umask_at_start
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        if _umask_at_start is None:
+            _umask_at_start = os.umask(0o077)  # 0o077, not 0: a file created meanwhile is private, not open
+            os.umask(_umask_at_start)
+        return _umask_at_start
 
 
 def write_atomic(path, write: Callable[[Path], None]) -> Path:

@@ -73,6 +73,7 @@ class IRSCallback(Callback):
         monitor: an existing :class:`~irs_callbacks.monitor.IRSMonitor`; otherwise one is built
             from ``**monitor_kwargs`` (every_n_steps, num_samples, target_irs, patience, ...).
             Training data: the monitor's ``reference`` or the trainer's train dataloader's dataset.
+            No ``pruner``: Lightning's ``ModelCheckpoint(monitor=metric, save_top_k=...)`` prunes.
     """
 
     def __init__(self, sampler=None, *, sampler_factory=None, metric: str = "irs/adjusted",
@@ -84,6 +85,10 @@ class IRSCallback(Callback):
         if monitor is not None and monitor_kwargs:
             raise ValueError("pass either monitor= or IRSMonitor keyword arguments, not both")
         self.monitor = monitor if monitor is not None else IRSMonitor(sampler, **monitor_kwargs)
+        if self.monitor.pruner is not None:
+            raise ValueError(f"IRSCallback does not take a pruner (got pruner={self.monitor.pruner!r}): Lightning's "
+                             "checkpoints never reach the monitor, so nothing would be pruned; keep the best ones "
+                             f"with ModelCheckpoint(monitor=\"{metric}\", mode=\"max\", save_top_k=...) instead")
         if sampler is not None:
             self.monitor.sampler = sampler
         self.sampler_factory = sampler_factory

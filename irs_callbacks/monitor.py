@@ -52,7 +52,7 @@ from irs_callbacks.samplers import as_sampler, preserved_rng
 from irs_callbacks.sinks import EvaluationFileSink, HistorySink, TensorBoardSink
 from irs_callbacks.stopping import EarlyStopping
 from irs_callbacks.tracking import LAST_EVALUATION_NAME, BackgroundWork, TensorBoardLogger
-from irs_callbacks.validation import check_fraction, check_int, check_probability
+from irs_callbacks.validation import check_choice, check_fraction, check_int, check_probability
 
 __all__ = ["IRSMonitor", "MonitorOptions", "ReferenceConfig", "EvaluationResult", "EvaluationError", "SetupError",
            "default_budget"]
@@ -154,9 +154,7 @@ class IRSMonitor:
             keep_samples=self.options.num_log_images if self.options.log_images else 0)
         self.stopping = EarlyStopping(patience)
         if isinstance(pruner, str):
-            if pruner not in PRUNE_MODES:
-                raise ValueError(f"pruner must be a CheckpointPruner or one of {PRUNE_MODES}, got {pruner!r}")
-            pruner = CheckpointPruner(pruner)
+            pruner = CheckpointPruner(check_choice(pruner, "pruner", PRUNE_MODES))
         if pruner is not None and not isinstance(pruner, CheckpointPruner):
             raise TypeError(f"pruner must be a CheckpointPruner, a mode string or None, got {type(pruner).__name__}")
         self.pruner = pruner
@@ -182,6 +180,7 @@ class IRSMonitor:
         self._pruning_off: str | None = None
         self._resumed_from: str | None = None
         self._last_step = 0  # the latest step() argument
+        self._attempted: int | None = None  # the latest step an evaluation was tried at (passed or failed)
         self._warned: set = set()
 
     # ------------------------------------------------------------------------------ connecting
@@ -363,6 +362,7 @@ class IRSMonitor:
             self._write_checkpoint_states(saved)
         result = None
         if self._due(step, bool(saved)):
+            self._attempted = step  # tried once: a failure is not retried on every micro-batch
             result = self._guarded_evaluate(step)
             if result is not None:
                 self._update_stopping(result)
@@ -379,7 +379,7 @@ class IRSMonitor:
 
     def _due(self, step: int, saved: bool) -> bool:
         if (self._disabled is not None or self.should_stop or step <= 0 or step < self.start_step
-                or any(r.step == step for r in self.history)):
+                or step == self._attempted or any(r.step == step for r in self.history)):
             return False
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
@@ -526,9 +526,10 @@ class IRSMonitor:
             return
         try:
             if not self.pruner.is_open:
-                if not self.registry.entries:
+                own = self.registry.of_this_run  # not a restored one: it may lie in another experiment's folder
+                if not own:
                     return
-                self.pruner.open(default_ledger_folder(self.registry.entries[0].path), self.registry.run_id)
+                self.pruner.open(default_ledger_folder(own[0].path), self.registry.run_id)
             evaluations = {r.step: Verdict(r.verdict, r.score) for r in self.history}
             unjudged = [entry for entry in saved if entry.step not in evaluations]
             if unjudged and "unjudged" not in self._warned:

@@ -11,10 +11,14 @@ other evaluated ones. Never deleted:
 - the best-scoring one, the one training resumed from, unevaluated ones;
 - a checkpoint whose writing was interrupted (kept, marked ``incomplete``);
 - a folder that now holds another run's or another monitor's checkpoint (its state file carries
-  another id), symbolic links, anything that is not a real folder.
+  another id), symbolic links, anything that is not a real folder;
+- a folder that contains another registered checkpoint or the ledger (``save_state(output_dir)``
+  registers ``output_dir`` itself: deleting it would delete everything inside);
+- a checkpoint of an earlier run (restored by a resume) outside the ledger's folder: after resuming
+  from another experiment's checkpoint, that experiment's folders are not this run's to prune.
 
-Every decision goes to a JSON ledger (default ``irs_pruning_ledger.json`` beside the checkpoints,
-written atomically) *before* anything is deleted: a deletion is recorded as ``"pending"``, then
+Every decision goes to a JSON ledger (default ``irs_pruning_ledger.json`` beside the first
+checkpoint this run wrote, written atomically) *before* anything is deleted: a deletion is recorded as ``"pending"``, then
 the folder is removed, then the entry becomes ``"deleted"``; a folder that cannot be removed
 becomes ``"delete_failed"`` (with the error) and the others go on. A registered folder that
 disappeared without the pruner (a trainer's ``checkpoints_total_limit``, Accelerate's
@@ -41,11 +45,11 @@ import json
 import os
 import shutil
 import socket
-import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from irs_callbacks.checkpoints import CheckpointRegistry, read_checkpoint_state
+from irs_callbacks.checkpoints import CheckpointRegistry, read_checkpoint_state, timestamp
 from irs_callbacks.files import expand_path, write_json_atomic
 from irs_callbacks.validation import check_choice, check_int
 
@@ -54,7 +58,9 @@ __all__ = ["CheckpointPruner", "LEDGER_NAME", "PRUNE_MODES", "Verdict", "default
 LEDGER_NAME = "irs_pruning_ledger.json"
 PRUNE_MODES = ("rejected", "top_k")
 LEDGER_VERSION = 2
-_HELD: dict[str, int] = {}  # ledger path -> id() of the pruner holding it in this process
+#: ledger path -> the pruner holding it in this process (weak: a pruner that no longer exists, e.g.
+#: one whose monitor was never closed after an error in a notebook, holds nothing)
+_HELD: "weakref.WeakValueDictionary[str, CheckpointPruner]" = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,6 @@ def default_ledger_folder(checkpoint_path) -> Path:
     itself prunes and must hold folders only)."""
     parent = Path(checkpoint_path).resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -94,14 +96,15 @@ class CheckpointPruner:
         mode: ``"rejected"`` or ``"top_k"``.
         top_k: checkpoints kept by ``"top_k"``.
         dry_run: only write the ledger.
-        ledger: the ledger file (default: ``irs_pruning_ledger.json`` beside the first checkpoint).
+        ledger: the ledger file (default: ``irs_pruning_ledger.json`` beside the first checkpoint this run
+            writes).
     """
 
     def __init__(self, mode: str = "rejected", *, top_k: int = 3, dry_run: bool = False, ledger=None):
         self.mode = check_choice(mode, "mode", PRUNE_MODES)
         self.top_k = check_int(top_k, "top_k", 1)
         self.dry_run = bool(dry_run)
-        self.ledger_path = None if ledger is None else expand_path(ledger, "ledger")
+        self._ledger_path = None if ledger is None else expand_path(ledger, "ledger")
         self.checkpoints: dict[str, dict] = {}
         self.run_id: str | None = None
 
@@ -110,6 +113,12 @@ class CheckpointPruner:
                 f"ledger={None if self.ledger_path is None else str(self.ledger_path)!r})")
 
     # -- the ledger ---------------------------------------------------------------------------
+    @property
+    def ledger_path(self) -> Path | None:
+        """The ledger file: the one given, else set by :meth:`open` (None before); kept after
+        :meth:`close`, for reading the ledger back."""
+        return self._ledger_path
+
     @property
     def is_open(self) -> bool:
         return self.run_id is not None
@@ -120,10 +129,10 @@ class CheckpointPruner:
         if self.is_open:
             return
         if self.ledger_path is None:
-            self.ledger_path = expand_path(default_folder, "ledger folder") / LEDGER_NAME
+            self._ledger_path = expand_path(default_folder, "ledger folder") / LEDGER_NAME
         path = self.ledger_path
         key = str(path.resolve())
-        if _HELD.get(key, id(self)) != id(self):
+        if _HELD.get(key, self) is not self:
             raise ValueError(f"pruning ledger {path} is already used by another monitor in this process; two "
                              "pruning monitors on one folder would delete each other's checkpoints: give the second "
                              "its own ledger and checkpoint folder, or prune with one monitor only")
@@ -144,7 +153,7 @@ class CheckpointPruner:
                              f"{LEDGER_VERSION}); move it away to start a new one")
         self.checkpoints = dict(data.get("checkpoints", {}))
         self.run_id = run_id
-        _HELD[key] = id(self)
+        _HELD[key] = self
         self._save()
 
     def close(self) -> None:
@@ -152,7 +161,7 @@ class CheckpointPruner:
         if not self.is_open:
             return
         key = str(self.ledger_path.resolve())
-        if _HELD.get(key) == id(self):
+        if _HELD.get(key) is self:
             del _HELD[key]
         self._save(owner=False)
         self.run_id = None
@@ -181,6 +190,10 @@ class CheckpointPruner:
         newest = registry.newest()
         present, decisions = {}, {}
         for entry in registry.entries:
+            if entry.run_id != registry.run_id and not _inside(entry.path, self.ledger_path.parent):
+                decisions[entry.path] = ("kept", "an earlier run's checkpoint in another folder than the ledger's "
+                                                 "(resumed from another experiment): not judged, never deleted")
+                continue
             path = Path(entry.path)
             done = self.checkpoints.get(self._key(entry.path), {})
             if not path.exists() and not path.is_symlink():
@@ -204,6 +217,15 @@ class CheckpointPruner:
             if not entry.complete:
                 decisions[entry.path] = ("incomplete", "writing was interrupted: never counted as the newest "
                                                        "checkpoint, never deleted")
+                continue
+            holds = [e.path for e in registry.entries if _inside(e.path, entry.path)]
+            if holds:
+                names = ", ".join(os.path.relpath(p, entry.path) for p in holds[:3])
+                names += ", ..." if len(holds) > 3 else ""
+                decisions[entry.path] = ("kept", f"holds other checkpoints ({names}): never deleted")
+                continue
+            if _inside(self.ledger_path, entry.path):
+                decisions[entry.path] = ("kept", "holds the pruning ledger: never deleted")
                 continue
             present[entry.path] = entry
         judged = {p: e for p, e in present.items() if e.step in evaluations}
@@ -256,7 +278,7 @@ class CheckpointPruner:
                 "step": entry.step, "run_id": entry.run_id, "checkpoint_id": entry.checkpoint_id,
                 "verdict": None if verdict is None else verdict.verdict,
                 "score": None if verdict is None else verdict.score,
-                "status": status, "reason": reason, "time": _now()}
+                "status": status, "reason": reason, "time": timestamp()}
         self._save()  # the ledger says why *before* anything is deleted
         if self.dry_run:
             changes["deleted"] = to_delete
@@ -269,13 +291,19 @@ class CheckpointPruner:
                 shutil.rmtree(path)
             except OSError as error:
                 record.update(status="delete_failed", reason=f"{record['reason']}; could not delete: {error}",
-                              time=_now())
+                              time=timestamp())
                 changes["failed"][path] = str(error)
             else:
-                record.update(status="deleted", time=_now())
+                record.update(status="deleted", time=timestamp())
                 changes["deleted"].append(path)
             self._save()
         return changes
+
+
+def _inside(path, folder) -> bool:
+    """Whether ``path`` lies strictly inside ``folder`` (links not followed)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
 
 
 def _fmt(score) -> str:

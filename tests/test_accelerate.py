@@ -287,3 +287,42 @@ def test_samples_outside_their_value_range_give_no_verdict_and_delete_nothing(tm
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4",
                                                                             "checkpoint-8"]
     del model
+
+
+def test_resuming_from_another_experiments_folder_prunes_only_this_runs_folder(tmp_path):
+    """A sweep run started from a parent experiment's checkpoint: the parent's checkpoints (restored
+    with the history) are neither judged nor deleted, and the ledger goes beside this run's own."""
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    run(parent, 8)
+    before = sorted(p.name for p in parent.iterdir())
+    m = run(child, 20, resume=parent / "checkpoint-8", pruner="rejected")
+    m.close()
+    assert m.history[0].step == 4 and m.history[0].verdict == "reject"  # restored: the parent's step 4 was rejected
+    assert sorted(p.name for p in parent.iterdir()) == before  # nothing deleted there, no ledger written there
+    ledger = json.loads((child / LEDGER_NAME).read_text())["checkpoints"]
+    assert ledger[str(parent / "checkpoint-4")]["status"] == "kept"
+    assert "another folder" in ledger[str(parent / "checkpoint-4")]["reason"]
+    deleted = [name for name, e in ledger.items() if e["status"] == "deleted"]
+    assert deleted and all(not (child / name).exists() and name.startswith("checkpoint-") for name in deleted)
+
+
+def test_a_failed_evaluation_is_not_retried_when_the_same_step_comes_again(tmp_path, caplog):
+    """Gradient accumulation calls step() with the same global step once per micro-batch: a failed
+    evaluation is tried once, not once per micro-batch."""
+    from monitor_helpers import make_monitor
+
+    calls = []
+
+    def broken(batch_size, generator):
+        calls.append(batch_size)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    m = make_monitor(tmp_path, every_n_steps=4, num_samples=60, batch_size=60, tensorboard=False)
+    with caplog.at_level(logging.ERROR, logger="irs_callbacks.monitor"):
+        for step in [3, 3, 4, 4, 4, 4, 5]:
+            m.step(step, sampler=broken)
+    assert len(calls) == 1 and [s for s, _ in m.errors] == [4] and "out of memory" in m.errors[0][1]
+    assert sum("evaluation at step 4 failed" in r.message for r in caplog.records) == 1
+    m.step(8, sampler=PoolSampler(HELD, replace=False))
+    assert [r.step for r in m.history] == [8]  # the next due step is evaluated as usual
+    m.close()

@@ -80,6 +80,9 @@ def test_only_the_main_process_writes(runs):
     assert len(lines) == len(r0["history"])
     ledger_one = json.loads((base / "one" / "irs_pruning_ledger.json").read_text())["checkpoints"]
     ledger_two = json.loads((base / "two" / "irs_pruning_ledger.json").read_text())["checkpoints"]
-    assert {k: v["status"] for k, v in ledger_one.items()} == {k: v["status"] for k, v in ledger_two.items()}
-    assert sorted(p.name for p in (base / "two").glob("checkpoint-*")) == \
-        sorted(p.name for p in (base / "one").glob("checkpoint-*"))
+    # rejected at 4 and 12: deleted; 8 passed (and is the best), 16 is the newest
+    expected = {"checkpoint-4": "deleted", "checkpoint-8": "kept", "checkpoint-12": "deleted", "checkpoint-16": "kept"}
+    assert {k: v["status"] for k, v in ledger_one.items()} == expected
+    assert {k: v["status"] for k, v in ledger_two.items()} == expected
+    for run_folder in (base / "one", base / "two"):
+        assert sorted(p.name for p in run_folder.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]

@@ -69,3 +69,48 @@ def test_probabilities_fractions_choices_and_ranges():
     assert check_value_range([-1, 1]) == (-1.0, 1.0)
     with pytest.raises(ValueError, match="value_range must be finite with low < high"):
         check_value_range((1, 0))
+
+
+def test_reading_the_umask_from_several_threads_never_changes_it():
+    """write_atomic runs on the background sink thread and the training loop's thread at once: its
+    reading of the umask must never set it (to 0), even for a moment. The reading alone, in tight
+    loops, so that the threads do collide (file writes release the GIL too rarely to show it)."""
+    import sys
+    import threading
+
+    from irs_callbacks import files
+
+    previous, interval = os.umask(0o027), sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    seen = []
+
+    def read():
+        seen.extend({files._umask() for _ in range(20000)})
+
+    try:
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        now = os.umask(previous)
+    assert now == 0o027  # not left at 0
+    assert set(seen) == {0o027}  # and never read as 0
+
+
+def test_without_proc_the_umask_is_read_once_and_kept(monkeypatch):
+    from irs_callbacks import files
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(files, "open", no_proc, raising=False)
+    monkeypatch.setattr(files, "_umask_at_start", None)
+    previous = os.umask(0o027)
+    try:
+        assert files._umask() == 0o027 and files._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # restored
+    finally:
+        os.umask(previous)

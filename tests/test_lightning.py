@@ -91,6 +91,12 @@ def test_arguments_and_missing_lightning_message(monkeypatch):
         IRSCallback(lambda b, g: None, sampler_factory=lambda m: None)
     with pytest.raises(TypeError, match="sampler_factory"):
         IRSCallback(sampler_factory=3)
+    # Lightning's checkpoints never reach the monitor: a pruner would silently prune nothing
+    from irs_callbacks import IRSMonitor
+
+    for kwargs in ({"pruner": "rejected"}, {"monitor": IRSMonitor(pruner="top_k")}):
+        with pytest.raises(ValueError, match=r"pruner.*ModelCheckpoint\(monitor=\"irs/adjusted\", .*save_top_k"):
+            IRSCallback(**kwargs)
     for name in ("lightning", "lightning.pytorch", "lightning.pytorch.callbacks", "pytorch_lightning",
                  "pytorch_lightning.callbacks"):
         monkeypatch.setitem(sys.modules, name, None)  # import of any of them raises ImportError

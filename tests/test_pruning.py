@@ -1,6 +1,7 @@
 """Checkpoint pruning: verdict-based deletion of registered checkpoints, protection rules, the
 ledger written first, crash safety, failures that do not block, one pruning monitor per ledger."""
 
+import gc
 import json
 import os
 import shutil
@@ -90,6 +91,8 @@ def test_any_name_or_folder_is_judged_by_its_registered_step(tmp_path, registry)
     p = CheckpointPruner()
     p.open(pruning.default_ledger_folder(registry.entries[0].path), "run")
     assert p.ledger_path == root / LEDGER_NAME  # beside, not inside, Accelerate's checkpoints/ folder
+    with pytest.raises(AttributeError):
+        p.ledger_path = tmp_path / "elsewhere.json"  # read-only: moving an open ledger would orphan it
     p.update(registry, verdicts((50, "reject", 0.1), (100, "pass", 0.9), (150, "pass", 0.8)))
     assert sorted(os.listdir(root / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
     assert ledger(root)["checkpoints/checkpoint_0"]["step"] == 50
@@ -222,6 +225,10 @@ def test_one_pruning_monitor_per_ledger(tmp_path, registry):
         opened(tmp_path)
     first.close()
     opened(tmp_path).close()  # free again
+    abandoned = opened(tmp_path)  # e.g. a notebook cell that raised before monitor.close()
+    del abandoned
+    gc.collect()
+    opened(tmp_path).close()  # a pruner that no longer exists holds nothing
     # a ledger owned by another live process on this host
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -246,3 +253,36 @@ def test_bad_arguments_and_unreadable_ledger(tmp_path):
     (tmp_path / LEDGER_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         opened(tmp_path)
+
+
+def test_a_folder_holding_other_checkpoints_or_the_ledger_is_never_deleted(tmp_path, registry):
+    """save_state(output_dir) registers output_dir itself: deleting it would take every checkpoint
+    (and the ledger) inside it with it."""
+    out = tmp_path / "out"
+    save(out, registry, [1, 2])
+    save(tmp_path, registry, [3], name="out")  # save_state(out) at step 3, rejected
+    save(out, registry, [4])
+    p = opened(out)  # the ledger inside out
+    changes = p.update(registry, verdicts((1, "reject", 0.1), (2, "pass", 0.9), (3, "reject", 0.05),
+                                          (4, "pass", 0.5)))
+    assert [os.path.basename(d) for d in changes["deleted"]] == ["checkpoint-1"]
+    assert existing(out) == ["checkpoint-2", "checkpoint-4"] and (out / LEDGER_NAME).is_file()
+    record = ledger(out)["."]
+    assert record["status"] == "kept" and "holds other checkpoints" in record["reason"]
+
+    inner = tmp_path / "inner"  # the ledger elsewhere: the container alone is enough to keep it
+    other = save(inner, CheckpointRegistry("run"), [1])
+    save(tmp_path, other, [2], name="inner")
+    save(tmp_path / "x", other, [3])
+    q = opened(tmp_path / "ledger")
+    q.update(other, verdicts((1, "pass", 0.9), (2, "reject", 0.1), (3, "pass", 0.5)))
+    assert existing(inner) == ["checkpoint-1"]
+    assert "holds other checkpoints" in json.loads((tmp_path / "ledger" / LEDGER_NAME).read_text())[
+        "checkpoints"][str(inner)]["reason"]
+
+    alone = tmp_path / "alone"  # holds only the ledger
+    third = save(tmp_path, CheckpointRegistry("run"), [1], name="alone")
+    save(tmp_path / "y", third, [2])
+    opened(alone).update(third, verdicts((1, "reject", 0.1), (2, "pass", 0.9)))
+    assert (alone / LEDGER_NAME).is_file() and (alone / "model.safetensors").is_file()
+    assert "holds the pruning ledger" in ledger(alone)["."]["reason"]
