@@ -167,8 +167,14 @@ def test_target_prints_a_verdict_and_exits_0_either_way(folders, tmp_path, capsy
         assert "verdict" in out and verdict["verdict"] in out and f"k_min {k_min}" in out
         verdicts[name] = verdict["verdict"]
     assert verdicts == {"diverse": "pass", "collapsed": "reject"}
-    assert "--target" in run_fails(["score", str(folders / "train"), str(folders / "samples"), *FAST,
-                                    "--target", "1.5"], capsys)
+    for option, value, message in (("--target", "1.5", "--target must be a number in (0, 1], got 1.5"),
+                                   ("--alpha-e", "1", "--alpha-e must be a number in the open interval (0, 1), got 1.0"),
+                                   ("--batch-size", "0", "--batch-size must be an integer >= 1, got 0"),
+                                   ("--input-size", "0", "--input-size must be an integer >= 1, got 0"),
+                                   ("--value-range", "0,inf", "--value-range: expected LOW,HIGH with finite LOW < HIGH")):
+        err = run_fails(["score", str(folders / "train"), str(folders / "samples"), "--no-progress",
+                         "--input-size", "75", option, value], capsys)
+        assert message in err and (option == "--value-range" or len(err.strip().splitlines()) == 1), err  # argparse
 
 
 def test_bad_arrays_banks_outputs_and_devices_get_one_line(folders, tmp_path, capsys):

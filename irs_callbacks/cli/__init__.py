@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def value_range_arg(text: str) -> tuple[float, float]:
+    """argparse ``type`` of every ``--value-range``: 'LOW,HIGH' (0,1 or -1,1 or 0,255 ...), the rule of
+    :func:`irs_callbacks.validation.check_value_range` (finite, LOW < HIGH) spelled for the command line."""
+    from irs_callbacks.validation import check_value_range
+
+    try:
+        return check_value_range(text.split(","), "--value-range")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with finite LOW < HIGH, such as 0,1 or -1,1 or 0,255; "
+                                         f"got {text!r}") from None
+
+
 def check_output_file(path, option: str, suffixes: tuple[str, ...] = ()):
     """``path`` (expanded) if a file can be written there: not a folder, its folder writable (or
     creatable); else a ValueError naming ``option``. Checked before any expensive work."""

@@ -10,18 +10,9 @@ import json
 import sys
 import time
 
+from irs_callbacks.cli import value_range_arg
+
 METRICS = ("irs", "fid", "kid", "prdc", "vendi")
-
-
-def _value_range(text: str) -> tuple[float, float]:
-    """argparse type of --value-range: 'LOW,HIGH', e.g. 0,1 or -1,1 or 0,255."""
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 0,1 or -1,1, got {text!r}") from None
-    if not low < high:
-        raise argparse.ArgumentTypeError(f"expected LOW < HIGH, got {text!r}")
-    return low, high
 
 
 def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +30,7 @@ def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
                         help="retrieval distance (default: euclidean, or the one of a saved bank)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--value-range", type=_value_range, default=(0.0, 1.0), metavar="LOW,HIGH",
+    parser.add_argument("--value-range", type=value_range_arg, default=(0.0, 1.0), metavar="LOW,HIGH",
                         help="range of float images in .npy/.npz arrays: 0,1 (default), -1,1, 0,255, ... "
                              "(uint8 is always 0..255, uint16 0..65535); values outside it are an error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split of TRAIN for IRS_inf,real (default 0)")
@@ -151,11 +142,11 @@ def _extract(extractor, data, args, value_range):
 def _check_common(args) -> None:
     """Cheap checks before any expensive work: numbers, device, paths."""
     from irs_callbacks.cli import check_device
+    from irs_callbacks.validation import check_int
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.input_size is not None and args.input_size < 1:
-        raise ValueError(f"--input-size must be >= 1, got {args.input_size}")
+    args.batch_size = check_int(args.batch_size, "--batch-size", 1)
+    if args.input_size is not None:
+        args.input_size = check_int(args.input_size, "--input-size", 1)
     check_device(args.device)
     args.train = _path(args.train, "TRAIN")
     args.reference_set = _path(args.reference_set, "--reference-set")
@@ -225,14 +216,14 @@ def _score(args) -> int:
     from irs_callbacks.features import ValueRangeError
     from irs_callbacks.image_io import iter_image_batches
     from irs_callbacks.reference import ReferenceBank
+    from irs_callbacks.validation import check_fraction, check_probability
 
     _check_common(args)
     args.samples = _path(args.samples, "SAMPLES")
     metrics = _parse_metrics(args.metrics)
-    if args.target is not None and not 0 < args.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
-    if not 0 < args.alpha_e < 1:
-        raise ValueError(f"--alpha-e must be in (0, 1), got {args.alpha_e}")
+    if args.target is not None:
+        args.target = check_fraction(args.target, "--target")
+    args.alpha_e = check_probability(args.alpha_e, "--alpha-e")
     json_out = check_output_file(args.json, "--json") if args.json not in (None, "-") else None
     iter_image_batches(args.samples)  # fail early on a missing/empty SAMPLES, before the expensive TRAIN
     timings, started = {}, time.perf_counter()
