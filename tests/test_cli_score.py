@@ -197,10 +197,12 @@ def test_bad_arrays_banks_outputs_and_devices_get_one_line(folders, tmp_path, ca
     np.save(tmp_path / "u16.npy", digits.astype(np.uint16) * 257)
     np.save(tmp_path / "u8.npy", digits)
     scores = {}
-    for name, extra in (("u8.npy", []), ("u16.npy", []), ("float255.npy", ["--value-range", "0,255"])):
+    for name, extra in (("u8.npy", []), ("u16.npy", []), ("float255.npy", ["--value-range", "0,255"]),
+                        ("signed.npy", ["--value-range", "-1,1"])):  # a value with a minus sign, as in the help
         run_ok(["score", train, str(tmp_path / name), *FAST, "--json", str(tmp_path / f"{name}.json"), *extra], capsys)
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert scores["u16.npy"]["n_learned"] == scores["u8.npy"]["n_learned"] == scores["float255.npy"]["n_learned"]
+    assert scores["signed.npy"]["n_samples"] == scores["u8.npy"]["n_samples"]
     assert scores["u16.npy"]["irs_inf"] == scores["u8.npy"]["irs_inf"]
     # outputs: a folder, a path under a file; checked before any work
     assert "is a folder" in run_fails(["reference", "build", train, "--out", str(tmp_path), *FAST], capsys)

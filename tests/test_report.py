@@ -260,8 +260,12 @@ def test_report_value_range_takes_any_range_as_score_does(run_dir, capsys):
                      "--out", str(run_dir / "b.html")]) == 0
     a, b = (embedded_pngs((run_dir / name).read_text()) for name in ("a.html", "b.html"))
     assert len(a) == len(b) == 5 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    np.save(run_dir / "train_signed.npy", np.load(run_dir / "train.npy") / np.float32(127.5) - 1)  # diffusers' range
+    assert irs_main(["report", *common, "--train-data", str(run_dir / "train_signed.npy"), "--value-range", "-1,1",
+                     "--out", str(run_dir / "c.html")]) == 0
+    assert len(embedded_pngs((run_dir / "c.html").read_text())) == 5
     capsys.readouterr()
-    for bad in ("0,inf", "1,0", "0,nan", "0,1,2", "x"):
+    for bad in ("-inf,1", "0,inf", "1,0", "0,nan", "0,1,2", "x"):
         with pytest.raises(SystemExit) as info:
             irs_main(["report", *common, "--value-range", bad])
         err = capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from importlib import import_module
 
@@ -95,9 +96,27 @@ def check_device(device) -> None:
         raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
+#: options whose value may start with a minus sign (--value-range -1,1); argparse reads "-1,1" as an option
+#: (only plain negative numbers are exempt), so main passes such a value as --value-range=-1,1
+_SIGNED_VALUE_OPTIONS = ("--value-range",)
+_SIGNED_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            return out + [arg] + rest
+        if arg in _SIGNED_VALUE_OPTIONS and rest and _SIGNED_VALUE.match(rest[0]):
+            arg = f"{arg}={rest.pop(0)}"
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
