@@ -193,6 +193,10 @@ def test_bad_arrays_banks_outputs_and_devices_get_one_line(folders, tmp_path, ca
         assert message in err and len(err.strip().splitlines()) == 1, err
     err = run_fails(["score", train, str(tmp_path / "float255.npy"), *FAST], capsys)
     assert "--value-range 0,255" in err and "[0, 255]" in err
+    for argv in (["reference", "build", str(tmp_path / "float255.npy"), "--out", str(tmp_path / "f.safetensors")],
+                 ["score", str(tmp_path / "float255.npy"), samples]):  # the same fix when TRAIN is the array
+        err = run_fails([*argv, *FAST], capsys)
+        assert "[0, 255]" in err and err.strip().endswith("; here: --value-range 0,255"), err
     # uint16 arrays are 16-bit images: the same digits at 16 bits score exactly as at 8 bits
     np.save(tmp_path / "u16.npy", digits.astype(np.uint16) * 257)
     np.save(tmp_path / "u8.npy", digits)

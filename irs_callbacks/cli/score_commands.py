@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 from irs_callbacks.cli import value_range_arg
 
@@ -127,16 +128,26 @@ def _path(value, option: str):
     return None if value is None else expand_path(value, option)
 
 
-def _extract(extractor, data, args, value_range):
-    """extract_features, with the command-line spelling of a value-range fix."""
-    from irs_callbacks.features import ValueRangeError, extract_features
+@contextmanager
+def _value_range_fix_as_option(source=None):
+    """A ValueRangeError raised inside becomes a ValueError ending with the fix as an option
+    ('; here: --value-range 0,255'), prefixed with ``source`` when given."""
+    from irs_callbacks.features import ValueRangeError
 
     try:
-        return extract_features(extractor, data, batch_size=args.batch_size, value_range=value_range,
-                                progress=not args.no_progress)
+        yield
     except ValueRangeError as error:
         hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
-        raise ValueError(f"{data}: {error}{hint}") from None
+        raise ValueError(f"{'' if source is None else f'{source}: '}{error}{hint}") from None
+
+
+def _extract(extractor, data, args, value_range):
+    """extract_features, with the command-line spelling of a value-range fix."""
+    from irs_callbacks.features import extract_features
+
+    with _value_range_fix_as_option(data):
+        return extract_features(extractor, data, batch_size=args.batch_size, value_range=value_range,
+                                progress=not args.no_progress)
 
 
 def _check_common(args) -> None:
@@ -154,21 +165,17 @@ def _check_common(args) -> None:
 
 def _build(args) -> int:
     from irs_callbacks.cli import check_output_file
-    from irs_callbacks.features import ValueRangeError
     from irs_callbacks.reference import ReferenceBank
 
     _check_common(args)
     out = check_output_file(args.out, "--out", suffixes=(".safetensors",))
     started = time.perf_counter()
     extractor = _make_extractor(args)
-    try:
+    with _value_range_fix_as_option():
         bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
                                    distance=args.distance or "euclidean", batch_size=args.batch_size,
                                    device=args.device, seed=args.seed, value_range=args.value_range,
                                    progress=not args.no_progress)
-    except ValueRangeError as error:
-        hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
-        raise ValueError(f"{error}{hint}") from None
     path = bank.save(out)
     print(f"saved {path}: {_bank_line(bank)} ({time.perf_counter() - started:.1f} s)")
     return 0
@@ -213,7 +220,6 @@ def _score(args) -> int:
     import torch
 
     from irs_callbacks.cli import check_output_file
-    from irs_callbacks.features import ValueRangeError
     from irs_callbacks.image_io import iter_image_batches
     from irs_callbacks.reference import ReferenceBank
     from irs_callbacks.validation import check_fraction, check_probability
@@ -240,14 +246,11 @@ def _score(args) -> int:
         bank = ReferenceBank.load(args.train, expect=expect)
     else:
         extractor = _make_extractor(args)
-        try:
+        with _value_range_fix_as_option():
             bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
                                        distance=args.distance or "euclidean", batch_size=args.batch_size,
                                        device=args.device, cache_dir=_path(args.cache_dir, "--cache-dir"),
                                        seed=args.seed, value_range=value_range, progress=not args.no_progress)
-        except ValueRangeError as error:
-            hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
-            raise ValueError(f"{error}{hint}") from None
     timings["reference_s"] = round(time.perf_counter() - started, 3)
 
     t = time.perf_counter()
