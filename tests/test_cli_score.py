@@ -256,3 +256,17 @@ def test_offline_pretrained_extractor_fails_at_once_with_one_line(folders, capsy
     err = run_fails(["score", str(folders / "train"), str(folders / "samples"), "--extractor", "dinov2-vitb14",
                      "--no-progress"], capsys)
     assert "--weights PATH" in err and "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_samples_array_is_read_once(folders, tmp_path, capsys, monkeypatch):
+    """The early check of SAMPLES only looks at an array's path (it used to load the whole array and throw it away)."""
+    from irs_callbacks import image_io
+
+    digits = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted((folders / "samples").iterdir())])
+    np.save(tmp_path / "samples.npy", digits)
+    loads, real_load = [], image_io.load_array
+    monkeypatch.setattr(image_io, "load_array", lambda path: loads.append(str(path)) or real_load(path))
+    run_ok(["score", str(folders / "train"), str(tmp_path / "samples.npy"), *FAST], capsys)
+    assert loads == [str(tmp_path / "samples.npy")]
+    err = run_fails(["score", str(folders / "train"), str(tmp_path / "missing.npz"), *FAST], capsys)
+    assert "missing.npz' does not exist" in err

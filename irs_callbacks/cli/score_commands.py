@@ -231,7 +231,12 @@ def _score(args) -> int:
         args.target = check_fraction(args.target, "--target")
     args.alpha_e = check_probability(args.alpha_e, "--alpha-e")
     json_out = check_output_file(args.json, "--json") if args.json not in (None, "-") else None
-    iter_image_batches(args.samples)  # fail early on a missing/empty SAMPLES, before the expensive TRAIN
+    # fail early on a missing/empty SAMPLES, before the expensive TRAIN; an array is read once, later
+    if args.samples.suffix.lower() in (".npy", ".npz") and not args.samples.is_dir():
+        if not args.samples.is_file():
+            raise ValueError(f"SAMPLES: array file {str(args.samples)!r} does not exist")
+    else:
+        iter_image_batches(args.samples)  # lists a folder's images without reading them
     timings, started = {}, time.perf_counter()
     value_range = args.value_range
     if args.train.suffix == ".safetensors" and args.train.is_file():
