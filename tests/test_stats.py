@@ -351,3 +351,27 @@ def test_ml_diversity_is_the_estimate_of_irs_infinity():
         assert ml_diversity(k, n, big_n) == irs_infinity(k, n, big_n).s_hat
     with pytest.raises(ValueError, match="cannot exceed"):
         ml_diversity(6, 5, 40)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --alpha 0",
+     "--alpha must be a number in the open interval (0, 1), got 0.0"),
+    ("threshold --n-train 100 --target 1.5 --n-samples 50", "--target must be a number in (0, 1], got 1.5"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --real-irs 2", "--real-irs must be a number in (0, 1]"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --schedule 10 --interim-alpha 0.2",
+     "--interim-alpha must be in [0, --alpha) = [0, 0.05), got 0.2"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 0 --schedule 10", "--n-samples must be an integer >= 1, got 0"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --schedule 10 --pass-alpha 1", "--pass-alpha must be"),
+    ("estimate --n-train 100 --n-samples 50 --n-learned 60", "--n-learned (60) cannot exceed --n-samples (50)"),
+    ("estimate --n-train 100 --n-samples 50 --n-learned 20 --real-n-samples 10 --real-n-learned 20",
+     "--real-n-learned (20) cannot exceed --real-n-samples (10)"),
+])
+def test_cli_statistics_errors_name_the_options(argv, message, capsys):
+    """Errors of the statistics name the command-line option, not the Python argument (alpha_e, budget, ...)."""
+    from irs_callbacks.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv.split())
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"error: {message}" in err and len(err.strip().splitlines()) == 1, err
+    assert not any(name in err for name in ("alpha_e", "target_irs", "budget", "n_samples", "n_learned", "real_irs"))

@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import sys
+from contextlib import contextmanager
 from importlib import import_module
 
 from irs_callbacks import __version__
@@ -41,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         import_module(f"{__name__}.{name}").register(subparsers)
     return parser
+
+
+@contextmanager
+def python_names_as_options(**options: str):
+    """Re-spell the ValueErrors raised inside for the command line: each Python argument name given
+    (``alpha_e="--alpha"``) becomes its option, so ``--alpha 0`` reports "--alpha must be ...", not
+    "alpha_e must be ..."."""
+    try:
+        yield
+    except ValueError as error:
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, options)) + r")(?!\w)")
+        raise ValueError(pattern.sub(lambda match: options[match.group(1)], str(error))) from None
 
 
 def value_range_arg(text: str) -> tuple[float, float]:
