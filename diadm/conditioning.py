@@ -30,6 +30,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 __all__ = [
     "normalize_features",
     "check_features",
+    "check_feature_mean",
+    "mean_of_features",
     "drop_conditions",
     "feature_class_embedding",
     "conditional_forward",
@@ -56,6 +58,31 @@ def check_features(features, feature_dim: int | None = None, batch_size: int | N
         bad = int((~torch.isfinite(features)).any(dim=1).sum())
         raise ValueError(f"{name} contains NaN or inf values ({bad} of {features.shape[0]} rows)")
     return features
+
+
+def mean_of_features(features: torch.Tensor, block_elements: int = 1 << 23) -> torch.Tensor:
+    """The mean row [d] (float64) of ``features`` [N, d], summed in float64 block by block: a block of
+    ``block_elements // d`` rows (64 MiB of float64) at a time, never a float64 copy of the whole bank (21 GB for
+    ImageNet's 1,281,166 x 2048). A NaN or inf anywhere makes the mean non-finite."""
+    if features.ndim != 2 or features.shape[0] < 1:
+        raise ValueError(f"features must have shape [N >= 1, feature_dim], got shape {tuple(features.shape)}")
+    rows = max(1, block_elements // max(1, features.shape[1]))
+    total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
+    for start in range(0, features.shape[0], rows):
+        total += features[start:start + rows].sum(0, dtype=torch.float64)
+    return total / features.shape[0]
+
+
+def check_feature_mean(feature_mean, feature_dim: int, name: str = "feature_mean") -> torch.Tensor:
+    """A centre of the conditions as a finite float tensor [feature_dim]: ``feature_mean`` is that mean, or
+    training features [N, feature_dim] whose mean is taken (:func:`mean_of_features`, float64)."""
+    mean = torch.as_tensor(feature_mean).detach()
+    if mean.ndim == 2:
+        if mean.shape[1] != feature_dim:
+            raise ValueError(f"{name}: training features have dimension {mean.shape[1]}, but the model expects "
+                             f"feature_dim={feature_dim} (the feature extractor's dimension)")
+        mean = mean_of_features(mean if mean.is_floating_point() else mean.float())
+    return check_features(mean.reshape(1, -1), feature_dim, 1, name=name)[0]
 
 
 def normalize_features(features: torch.Tensor, eps: float = 1e-12, *, center: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +169,8 @@ def conditional_forward(model, sample: torch.Tensor, timestep, features: torch.T
     ``features`` [B, d] raw extractor features (normalised here with :func:`normalize_features` unless
     ``normalize=False``) or ``None`` for the unconditional (zero) condition. ``condition_dropout`` drops rows to
     zero (training). A :class:`DiADMUNet2DModel` centres with its own ``feature_mean``; for a UNet2DConditionModel
-    pass the training features' mean as ``feature_mean`` (in training and sampling alike). For a
+    pass the training features' mean as ``feature_mean`` (in training and sampling alike; ``DiADMPipeline`` takes
+    it as ``feature_mean=`` and keeps it in its feature bank). For a
     UNet2DConditionModel without cross-attention blocks ``encoder_hidden_states`` may be None; with
     cross-attention it must be given.
     """
@@ -214,10 +242,7 @@ class DiADMUNet2DModel(ModelMixin, ConfigMixin):
     def set_feature_mean(self, feature_mean) -> None:
         """Set the centre of the conditions: a [feature_dim] mean, or training features [N, feature_dim] (their
         mean is taken in float64)."""
-        mean = torch.as_tensor(feature_mean).detach()
-        if mean.ndim == 2:
-            mean = check_features(mean, self.config.feature_dim, name="feature_mean").double().mean(0)
-        mean = check_features(mean.reshape(1, -1), self.config.feature_dim, 1, name="feature_mean")[0]
+        mean = check_feature_mean(feature_mean, self.config.feature_dim)
         self.feature_mean.copy_(mean.to(self.feature_mean.device, self.feature_mean.dtype))
 
     @classmethod

@@ -8,7 +8,10 @@ is unpickled). The bank is therefore also the reference bank for IRS monitoring 
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
+
+import torch
 
 from torch.utils.data import Dataset
 
@@ -17,6 +20,8 @@ from irs_callbacks.files import expand_path
 from irs_callbacks.image_io import fingerprint, item_image
 from irs_callbacks.reference import ReferenceBank
 from irs_callbacks.validation import check_value_range
+
+from .conditioning import mean_of_features
 
 __all__ = ["PseudoLabelDataset"]
 
@@ -77,9 +82,13 @@ class PseudoLabelDataset(Dataset):
 
     features = property(lambda self: self.bank.features, doc="pseudo-labels [N, d], CPU float32")
     feature_dim = property(lambda self: self.bank.dim, doc="d, the extractor's feature dimension")
-    feature_mean = property(lambda self: self.bank.features.double().mean(0).float(),
-                            doc="mean pseudo-label [d] (float32, computed in float64): the centre of the conditions, "
-                                "``DiADMUNet2DModel(..., feature_mean=ds.feature_mean)``")
+
+    @cached_property
+    def feature_mean(self) -> torch.Tensor:
+        """Mean pseudo-label [d] (float32, summed in float64 by blocks, computed once): the centre of the
+        conditions, ``DiADMUNet2DModel(..., feature_mean=ds.feature_mean)``."""
+        return mean_of_features(self.bank.features).float()
+
     extractor_identity = property(lambda self: self.bank.extractor_identity)
 
     def __len__(self) -> int:

@@ -16,7 +16,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
-from .conditioning import DiADMUNet2DModel, check_features, conditional_forward, feature_dim_of
+from .conditioning import (DiADMUNet2DModel, check_feature_mean, check_features, conditional_forward,
+                           feature_dim_of)
 
 __all__ = ["DiADMFeatureBank", "DiADMPipeline", "CONDITION_STRATEGIES"]
 
@@ -26,16 +27,24 @@ CONDITION_STRATEGIES = ("cycle", "uniform", "perturb")
 class DiADMFeatureBank(ModelMixin, ConfigMixin):
     """The training features [N, d] (raw extractor output, float32) as a pipeline component, so
     ``DiADMPipeline.save_pretrained`` stores them (safetensors) and ``from_pretrained`` restores them.
-    ``extractor_identity`` (JSON-able dict, optional) records which extractor produced them."""
+    ``extractor_identity`` (JSON-able dict, optional) records which extractor produced them.
+
+    ``feature_mean`` [d] (a buffer, saved with the features): the centre of the conditions for a model that does
+    not carry one (a :class:`~diffusers.UNet2DConditionModel`): the ``feature_mean`` it was trained with through
+    :func:`~diadm.conditioning.conditional_forward`. Zeros (the default) mean no centring. A
+    :class:`~diadm.DiADMUNet2DModel` carries its own centre; then leave this one at zeros or equal to it."""
 
     @register_to_config
     def __init__(self, n_train: int = 1, feature_dim: int = 1, extractor_identity: dict | None = None):
         super().__init__()
         self.features = nn.Parameter(torch.zeros(n_train, feature_dim), requires_grad=False)
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
 
     @classmethod
-    def from_features(cls, features, extractor_identity: dict | None = None) -> "DiADMFeatureBank":
-        """From a tensor [N, d], or an object with ``.features`` (e.g. an irs_callbacks ``ReferenceBank``)."""
+    def from_features(cls, features, extractor_identity: dict | None = None,
+                      feature_mean=None) -> "DiADMFeatureBank":
+        """From a tensor [N, d], or an object with ``.features`` (e.g. an irs_callbacks ``ReferenceBank``);
+        ``feature_mean`` as for :meth:`set_feature_mean`."""
         if extractor_identity is None:
             extractor_identity = getattr(features, "extractor_identity", None)
         features = getattr(features, "features", features)
@@ -44,7 +53,15 @@ class DiADMFeatureBank(ModelMixin, ConfigMixin):
             raise ValueError("feature_bank must hold at least one feature vector")
         bank = cls(n_train=features.shape[0], feature_dim=features.shape[1], extractor_identity=extractor_identity)
         bank.features.data.copy_(features)
+        if feature_mean is not None:
+            bank.set_feature_mean(feature_mean)
         return bank
+
+    def set_feature_mean(self, feature_mean) -> None:
+        """Set the centre of the conditions: a [feature_dim] mean (e.g. ``PseudoLabelDataset.feature_mean``, the
+        value given to ``conditional_forward`` in training), or training features [N, feature_dim] (their mean)."""
+        mean = check_feature_mean(feature_mean, self.config.feature_dim)
+        self.feature_mean.copy_(mean.to(self.feature_mean.device, self.feature_mean.dtype))
 
     @property
     def n_train(self) -> int:
@@ -63,6 +80,9 @@ class DiADMPipeline(DiffusionPipeline):
         scheduler: any diffusers scheduler matching the model's training (DDPM, DDIM, EDM Euler, ...).
         feature_bank: :class:`DiADMFeatureBank`, a tensor [N, d] or a ``ReferenceBank`` (raw training features;
             the model normalises them).
+        feature_mean: the centre of the conditions for a UNet2DConditionModel: the ``feature_mean`` it was trained
+            with (stored in the bank, :meth:`DiADMFeatureBank.set_feature_mean`, so ``save_pretrained`` keeps it).
+            A DiADMUNet2DModel uses its own ``feature_mean``; a different one here is refused.
 
     Calling ``pipeline(batch_size=b, generator=g, output_type="pt").images`` gives float32 images [b, C, H, W] in
     [0, 1] (the model's [-1, 1] output mapped by ``x / 2 + 0.5`` and clamped) -- directly usable as a sampler
@@ -71,7 +91,7 @@ class DiADMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, feature_bank):
+    def __init__(self, unet, scheduler, feature_bank, feature_mean=None):
         super().__init__()
         if not isinstance(feature_bank, DiADMFeatureBank):
             feature_bank = DiADMFeatureBank.from_features(feature_bank)
@@ -79,6 +99,12 @@ class DiADMPipeline(DiffusionPipeline):
         if feature_bank.config.feature_dim != dim:
             raise ValueError(f"feature_bank: features have dimension {feature_bank.config.feature_dim}, the unet "
                              f"expects feature_dim={dim}")
+        if feature_mean is not None:
+            feature_bank.set_feature_mean(feature_mean)
+        if isinstance(unet, DiADMUNet2DModel) and bool(feature_bank.feature_mean.any()) and not torch.equal(
+                feature_bank.feature_mean.cpu(), unet.feature_mean.float().cpu()):
+            raise ValueError("feature_mean: a DiADMUNet2DModel centres its conditions with its own feature_mean; "
+                             "give the centre to the model (set_feature_mean), not to the pipeline")
         self.register_modules(unet=unet, scheduler=scheduler, feature_bank=feature_bank)
         self.reset_cycle()
         self.last_condition_indices = None
@@ -92,6 +118,13 @@ class DiADMPipeline(DiffusionPipeline):
         return DiADMSampler(self, **options)
 
     # -- conditions --------------------------------------------------------------------------------------------
+    @property
+    def feature_mean(self) -> torch.Tensor:
+        """The centre of the conditions [d]: the model's own (DiADMUNet2DModel) or the bank's (other models)."""
+        if isinstance(self.unet, DiADMUNet2DModel):
+            return self.unet.feature_mean
+        return self.feature_bank.feature_mean
+
     def reset_cycle(self, seed: int = 0) -> None:
         """Restart the "cycle" strategy: permutation ``k`` of the bank is drawn with seed ``seed + k``."""
         self._cycle_seed, self._cycle_epoch, self._cycle_pos, self._cycle_perm = int(seed), 0, 0, None
@@ -118,7 +151,7 @@ class DiADMPipeline(DiffusionPipeline):
         :meth:`reset_cycle`), so the first N draws use every training instance exactly once; ``"uniform"`` draws
         indices with replacement from ``generator``; ``"perturb"`` draws like "uniform" and adds noise so that the
         model's normalised condition is ``n + perturb_scale * noise`` (renormalised), ``n`` the normalised
-        feature (:func:`~diadm.conditioning.normalize_features`, centred with the model's ``feature_mean``) and the
+        feature (:func:`~diadm.conditioning.normalize_features`, centred with :attr:`feature_mean`) and the
         noise standard normal: ``perturb_scale`` is the noise-to-signal ratio per entry (default 0.1). Conditions
         are returned in the raw feature space, like the bank's.
         """
@@ -136,18 +169,18 @@ class DiADMPipeline(DiffusionPipeline):
             if not perturb_scale >= 0:
                 raise ValueError(f"perturb_scale must be >= 0, got {perturb_scale!r}")
             noise = torch.randn(features.shape, generator=gen, device=gen_device).to(features.device)
-            mean = getattr(self.unet, "feature_mean", None)
-            centred = features - mean.to(features.device, features.dtype) if mean is not None else features
+            centred = features - self.feature_mean.to(features.device, features.dtype)
             rms = centred.norm(dim=1, keepdim=True) / features.shape[1] ** 0.5  # normalised = centred / rms
             features = features + perturb_scale * rms * noise
         return indices, features
 
     def _predict(self, sample, t, features, guidance_scale):
         model_input = self.scheduler.scale_model_input(sample, t)
-        cond = conditional_forward(self.unet, model_input, t, features)
+        mean = self.feature_mean  # a DiADMUNet2DModel centres with its own; conditional_forward ignores this one
+        cond = conditional_forward(self.unet, model_input, t, features, feature_mean=mean)
         if guidance_scale == 1.0:
             return cond  # exactly the conditional prediction
-        uncond = conditional_forward(self.unet, model_input, t, None)
+        uncond = conditional_forward(self.unet, model_input, t, None, feature_mean=mean)
         return uncond + guidance_scale * (cond - uncond)
 
     # -- sampling ------------------------------------------------------------------------------------------------

@@ -274,15 +274,17 @@ def to_unit_range(images, value_range=(0, 1)) -> torch.Tensor:
         raise TypeError(f"images must be uint8 in [0, 255], uint16 in [0, 65535] or floating point, "
                         f"got dtype {images.dtype}")
     low, high = check_value_range(value_range)
-    x = (images.float() - low) / (high - low)
-    finite = torch.isfinite(x)
-    lowest = torch.where(finite, x, torch.inf).amin()
-    highest = torch.where(finite, x, -torch.inf).amax()
-    lowest, highest = float(lowest), float(highest)  # +-inf when no value is finite
+    x = images.float().sub(low).div_(high - low)  # a new tensor even when images is float32
+    lowest, highest = torch.stack(torch.aminmax(x)).tolist()  # one pass, one device->host sync
+    finite = None
+    if not (math.isfinite(lowest) and math.isfinite(highest)):  # NaN/Inf present: the finite values' extremes
+        finite = torch.isfinite(x)
+        extremes = torch.stack((torch.where(finite, x, torch.inf).amin(), torch.where(finite, x, -torch.inf).amax()))
+        lowest, highest = extremes.tolist()  # +-inf when no value is finite
     if lowest < -VALUE_RANGE_TOLERANCE or highest > 1.0 + VALUE_RANGE_TOLERANCE:
         raise _range_error(low, high, lowest * (high - low) + low, highest * (high - low) + low)
     if lowest < 0.0 or highest > 1.0:  # within the tolerance: clip, keeping NaN/Inf as they are
-        x = torch.where(finite, x.clamp(0.0, 1.0), x)
+        x = x.clamp_(0.0, 1.0) if finite is None else torch.where(finite, x.clamp(0.0, 1.0), x)
     return x
 
 

@@ -31,9 +31,8 @@ from irs_callbacks.history import HISTORY_NAME, read_history
 from irs_callbacks.tracking import (LAST_EVALUATION_NAME, MOST_RETRIEVED, NEVER_RETRIEVED, curve_figure,
                                     load_evaluation, select_galleries)
 
-__all__ = ["render_report", "find_run_files", "HISTORY_FILE_NAME", "RUN_SUBFOLDERS"]
+__all__ = ["render_report", "find_run_files", "RUN_SUBFOLDERS"]
 
-HISTORY_FILE_NAME = HISTORY_NAME  # the monitor's history file name
 RUN_SUBFOLDERS = (".", "logs", "irs_logs")  # where a run keeps them (README example: logs/)
 
 
@@ -45,13 +44,13 @@ def find_run_files(run) -> tuple[Path, Path | None]:
         evaluation = path.with_name(LAST_EVALUATION_NAME)
         return path, evaluation if evaluation.is_file() else None
     if not path.exists():
-        raise ValueError(f"{str(path)!r} does not exist (expected a run folder or a history file {HISTORY_FILE_NAME})")
+        raise ValueError(f"{str(path)!r} does not exist (expected a run folder or a history file {HISTORY_NAME})")
     for sub in RUN_SUBFOLDERS:
-        history = path / sub / HISTORY_FILE_NAME
+        history = path / sub / HISTORY_NAME
         if history.is_file():
             evaluation = history.with_name(LAST_EVALUATION_NAME)
             return history, evaluation if evaluation.is_file() else None
-    looked = ", ".join(str(path / sub / HISTORY_FILE_NAME) for sub in RUN_SUBFOLDERS)
+    looked = ", ".join(str(path / sub / HISTORY_NAME) for sub in RUN_SUBFOLDERS)
     raise ValueError(f"no monitor history in {str(path)!r} (looked for {looked}); pass the history file itself")
 
 
@@ -145,7 +144,7 @@ def _train_data_loader(train_data, value_range=(0, 1)):
     import torch.nn.functional as F
 
     from irs_callbacks.features import to_unit_range
-    from irs_callbacks.image_io import ImageFolderDataset, as_image_tensor, load_array
+    from irs_callbacks.image_io import ImageFolderDataset, load_array
 
     path = expand_path(train_data, "train_data")
     if path.is_dir():
@@ -153,7 +152,7 @@ def _train_data_loader(train_data, value_range=(0, 1)):
         get = lambda row: dataset[int(row)][None]  # noqa: E731
         count = len(dataset)
     else:
-        array = as_image_tensor(load_array(path))
+        array = load_array(path)  # NCHW tensor
         get = lambda row: array[int(row)][None]  # noqa: E731
         count = len(array)
 

@@ -167,8 +167,14 @@ def test_target_prints_a_verdict_and_exits_0_either_way(folders, tmp_path, capsy
         assert "verdict" in out and verdict["verdict"] in out and f"k_min {k_min}" in out
         verdicts[name] = verdict["verdict"]
     assert verdicts == {"diverse": "pass", "collapsed": "reject"}
-    assert "--target" in run_fails(["score", str(folders / "train"), str(folders / "samples"), *FAST,
-                                    "--target", "1.5"], capsys)
+    for option, value, message in (("--target", "1.5", "--target must be a number in (0, 1], got 1.5"),
+                                   ("--alpha-e", "1", "--alpha-e must be a number in the open interval (0, 1), got 1.0"),
+                                   ("--batch-size", "0", "--batch-size must be an integer >= 1, got 0"),
+                                   ("--input-size", "0", "--input-size must be an integer >= 1, got 0"),
+                                   ("--value-range", "0,inf", "--value-range: expected LOW,HIGH with finite LOW < HIGH")):
+        err = run_fails(["score", str(folders / "train"), str(folders / "samples"), "--no-progress",
+                         "--input-size", "75", option, value], capsys)
+        assert message in err and (option == "--value-range" or len(err.strip().splitlines()) == 1), err  # argparse
 
 
 def test_bad_arrays_banks_outputs_and_devices_get_one_line(folders, tmp_path, capsys):
@@ -187,14 +193,20 @@ def test_bad_arrays_banks_outputs_and_devices_get_one_line(folders, tmp_path, ca
         assert message in err and len(err.strip().splitlines()) == 1, err
     err = run_fails(["score", train, str(tmp_path / "float255.npy"), *FAST], capsys)
     assert "--value-range 0,255" in err and "[0, 255]" in err
+    for argv in (["reference", "build", str(tmp_path / "float255.npy"), "--out", str(tmp_path / "f.safetensors")],
+                 ["score", str(tmp_path / "float255.npy"), samples]):  # the same fix when TRAIN is the array
+        err = run_fails([*argv, *FAST], capsys)
+        assert "[0, 255]" in err and err.strip().endswith("; here: --value-range 0,255"), err
     # uint16 arrays are 16-bit images: the same digits at 16 bits score exactly as at 8 bits
     np.save(tmp_path / "u16.npy", digits.astype(np.uint16) * 257)
     np.save(tmp_path / "u8.npy", digits)
     scores = {}
-    for name, extra in (("u8.npy", []), ("u16.npy", []), ("float255.npy", ["--value-range", "0,255"])):
+    for name, extra in (("u8.npy", []), ("u16.npy", []), ("float255.npy", ["--value-range", "0,255"]),
+                        ("signed.npy", ["--value-range", "-1,1"])):  # a value with a minus sign, as in the help
         run_ok(["score", train, str(tmp_path / name), *FAST, "--json", str(tmp_path / f"{name}.json"), *extra], capsys)
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert scores["u16.npy"]["n_learned"] == scores["u8.npy"]["n_learned"] == scores["float255.npy"]["n_learned"]
+    assert scores["signed.npy"]["n_samples"] == scores["u8.npy"]["n_samples"]
     assert scores["u16.npy"]["irs_inf"] == scores["u8.npy"]["irs_inf"]
     # outputs: a folder, a path under a file; checked before any work
     assert "is a folder" in run_fails(["reference", "build", train, "--out", str(tmp_path), *FAST], capsys)
@@ -244,3 +256,17 @@ def test_offline_pretrained_extractor_fails_at_once_with_one_line(folders, capsy
     err = run_fails(["score", str(folders / "train"), str(folders / "samples"), "--extractor", "dinov2-vitb14",
                      "--no-progress"], capsys)
     assert "--weights PATH" in err and "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_samples_array_is_read_once(folders, tmp_path, capsys, monkeypatch):
+    """The early check of SAMPLES only looks at an array's path (it used to load the whole array and throw it away)."""
+    from irs_callbacks import image_io
+
+    digits = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted((folders / "samples").iterdir())])
+    np.save(tmp_path / "samples.npy", digits)
+    loads, real_load = [], image_io.load_array
+    monkeypatch.setattr(image_io, "load_array", lambda path: loads.append(str(path)) or real_load(path))
+    run_ok(["score", str(folders / "train"), str(tmp_path / "samples.npy"), *FAST], capsys)
+    assert loads == [str(tmp_path / "samples.npy")]
+    err = run_fails(["score", str(folders / "train"), str(tmp_path / "missing.npz"), *FAST], capsys)
+    assert "missing.npz' does not exist" in err

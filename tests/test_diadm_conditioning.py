@@ -12,6 +12,7 @@ from diadm.conditioning import (
     conditional_forward,
     drop_conditions,
     feature_class_embedding,
+    mean_of_features,
     normalize_features,
 )
 
@@ -158,6 +159,28 @@ def test_unet2d_wrapper_matches_manual_composition():
         torch.testing.assert_close(model(x, t, f).sample, manual)
         torch.testing.assert_close(conditional_forward(model, x, t, f), manual)
         assert torch.equal(model(x, t, torch.zeros_like(f)).sample, model(x, t, None).sample)
+
+
+def test_mean_of_features_is_exact_over_blocks():
+    """The blockwise float64 sum gives the exact mean: dyadic values (k / 64, |k| < 2^20) make every float64
+    sum exact, so the result equals the mean computed with fractions, for every block size."""
+    from fractions import Fraction
+
+    ints = torch.randint(-2 ** 20, 2 ** 20, (23, 5), generator=torch.Generator().manual_seed(0))
+    features = (ints.double() / 64).float()  # exactly representable in float32
+    exact = [float(Fraction(sum(col), 64 * len(col))) for col in zip(*ints.tolist())]
+    for block_elements in (1, 5, 7 * 5, 1 << 23):  # one row per block, 7 rows (a ragged last block), all at once
+        assert mean_of_features(features, block_elements).tolist() == exact
+    assert mean_of_features(features).dtype == torch.float64
+    torch.testing.assert_close(mean_of_features(features), features.double().mean(0), rtol=1e-15, atol=0)
+    model = DiADMUNet2DModel(unet_config=UNET2D, feature_dim=5)
+    model.set_feature_mean(features)
+    assert model.feature_mean.tolist() == torch.tensor(exact).float().tolist()
+    features[4, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.set_feature_mean(features)
+    with pytest.raises(ValueError, match="dimension 5"):
+        DiADMUNet2DModel(unet_config=UNET2D, feature_dim=6).set_feature_mean(features)
 
 
 def test_condition_dropout_only_in_training_mode():

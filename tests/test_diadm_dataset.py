@@ -33,6 +33,10 @@ def test_features_match_extractor_and_items_pair_up():
     torch.testing.assert_close(item["features"], expected[5])
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 3, 8, 8) and batch["features"].shape == (4, 48)
+    # the centre of the conditions: the float64 mean, computed once
+    assert ds.feature_mean.dtype == torch.float32
+    torch.testing.assert_close(ds.feature_mean, expected.double().mean(0).float(), rtol=0, atol=0)
+    assert ds.feature_mean is ds.feature_mean
 
 
 def test_bank_file_round_trip_and_mismatch_refused(tmp_path):

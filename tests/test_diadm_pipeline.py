@@ -173,3 +173,56 @@ def test_n3_runs_on_a_diadm_pipeline():
     n3 = N3RejectionSampler(features, extractor=lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
     result = n3.run(pipe.as_irs_sampler(num_inference_steps=2), seeds=range(16), batch_size=8, progress=False)
     assert 1 <= result.accepted_seeds.numel() <= 12 and result.samples_seen == 16
+
+
+def _capture_class_labels(unet):
+    """Record the class_labels (the normalised condition) of every forward call of a UNet2DConditionModel."""
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"].clone()),
+                                   with_kwargs=True)
+    return seen
+
+
+def test_unet2d_condition_model_is_sampled_with_its_training_centre(tmp_path):
+    """A UNet2DConditionModel trained with conditional_forward(..., feature_mean=m) receives the same normalised
+    condition when sampled (this used to be uncentred: the pipeline had nowhere to keep m), also after
+    save/load, and "perturb" perturbs around m."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**feature_class_embedding(dict(UNET2D, mid_block_type="UNetMidBlock2D"), feature_dim=D))
+    features = torch.randn(N, D, generator=torch.Generator().manual_seed(1)) + 5.0  # a large common component
+    mean = features.double().mean(0).float()
+    seen = _capture_class_labels(unet)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor(50)
+    with torch.no_grad():
+        conditional_forward(unet, x, t, features[:3], feature_mean=mean)  # the training call
+    trained = seen.pop()
+    c = features[:3] - mean
+    torch.testing.assert_close(trained, c / c.norm(dim=1, keepdim=True) * D ** 0.5)  # independent: centred, unit RMS
+
+    pipe = DiADMPipeline(unet, DDIMScheduler(num_train_timesteps=100), features, feature_mean=mean)
+    pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(pipe.feature_bank.feature_mean, mean)
+    _call(pipe, conditions=features[:3])
+    assert seen and all(torch.equal(s, trained) for s in seen)  # every denoising step
+    pipe.save_pretrained(tmp_path)
+    loaded = DiADMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded.feature_bank.feature_mean, mean)
+    seen = _capture_class_labels(loaded.unet)
+    _call(loaded, conditions=features[:3])
+    assert seen and all(torch.equal(s, trained) for s in seen)
+    # "perturb" adds noise relative to the centred feature's RMS (without the centre: the raw RMS, ~5x larger)
+    idx, pert = pipe.draw_conditions(500, "perturb", torch.Generator().manual_seed(0), perturb_scale=0.1)
+    base = normalize_features(features[idx], center=mean)
+    residual = normalize_features(pert, center=mean) * (1 + 0.1 ** 2) ** 0.5 - base
+    assert abs(residual.std().item() - 0.1) < 0.01
+
+
+def test_pipeline_refuses_a_second_centre_for_a_diadm_unet():
+    pipe = _pipeline()
+    features = pipe.feature_bank.features
+    with pytest.raises(ValueError, match="its own feature_mean"):
+        DiADMPipeline(pipe.unet, pipe.scheduler, features, feature_mean=features.mean(0))
+    pipe.unet.set_feature_mean(features)
+    same = DiADMPipeline(pipe.unet, pipe.scheduler, features, feature_mean=pipe.unet.feature_mean)
+    assert torch.equal(same.feature_mean, pipe.unet.feature_mean)

@@ -348,6 +348,53 @@ def test_value_range_violations_are_one_line_errors_and_nan_passes(random_incept
     assert torch.equal(feat.to_unit_range(wide), feat.to_unit_range(digits_uint8))
 
 
+def _to_unit_range_by_mask(images, low, high):
+    """to_unit_range written the plain way (extremes of the finite values, clip the finite ones): the reference."""
+    x = (images.double() - low) / (high - low)
+    finite = torch.isfinite(x)
+    values = x[finite]
+    lowest = values.min().item() if values.numel() else float("inf")
+    highest = values.max().item() if values.numel() else -float("inf")
+    tol = feat.VALUE_RANGE_TOLERANCE
+    if lowest < -tol or highest > 1 + tol:
+        return None, (lowest * (high - low) + low, highest * (high - low) + low)
+    return torch.where(finite, x.clamp(0, 1), x).float(), None
+
+
+@pytest.mark.parametrize("case", ["inside", "overshoot", "nan", "inf", "all_nan", "nan_and_too_high",
+                                  "minus_inf_and_too_low", "wide_range"])
+def test_to_unit_range_matches_the_masked_computation(case, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    low, high = (-1.0, 1.0) if case == "wide_range" else (0.0, 1.0)
+    x = torch.rand(3, 1, 5, 5, generator=g) * (high - low) + low
+    if case == "overshoot":
+        x = x * 1.08 - 0.04
+    if case in ("nan", "nan_and_too_high"):
+        x[0, 0, 1] = float("nan")
+    if case == "inf":
+        x[1, 0, 0, 0], x[2, 0, 0, 0], x[0, 0, 0, 0] = float("inf"), -float("inf"), 1.03
+    if case == "all_nan":
+        x[:] = float("nan")
+    if case == "nan_and_too_high":
+        x[2, 0, 4, 4] = 3.5
+    if case == "minus_inf_and_too_low":
+        x[0, 0, 0, 0], x[1, 0, 2, 2] = -float("inf"), -0.5
+    expected, observed = _to_unit_range_by_mask(x, low, high)
+    before = x.clone()
+    if observed is not None:
+        with pytest.raises(feat.ValueRangeError) as info:
+            feat.to_unit_range(x, (low, high))
+        assert info.value.observed == pytest.approx(observed, rel=1e-6)
+        return
+    got = feat.to_unit_range(x, (low, high))
+    assert got.dtype == torch.float32 and torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x, before, equal_nan=True, rtol=0, atol=0)  # the input is untouched
+    if case in ("inside", "overshoot", "wide_range"):  # finite images: no element-wise mask is built
+        monkeypatch.setattr(torch, "isfinite", lambda *a: pytest.fail("isfinite on an all-finite batch"))
+        torch.testing.assert_close(feat.to_unit_range(x, (low, high)), expected)
+
+
 def test_offline_pretrained_extractors_fail_at_once(monkeypatch, tmp_path):
     import timm
 

@@ -249,3 +249,24 @@ def _write_blocker(folder, module):
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, _Block())\n")
     return folder
+
+
+def test_report_value_range_takes_any_range_as_score_does(run_dir, capsys):
+    """--value-range is one argparse type for every command: `irs report --value-range 0,255` used to be refused."""
+    common = [str(run_dir / "history.jsonl"), "--evaluation", str(run_dir / "evaluation.safetensors")]
+    np.save(run_dir / "train255.npy", np.load(run_dir / "train.npy").astype(np.float32))  # floats in 0..255
+    assert irs_main(["report", *common, "--train-data", str(run_dir / "train.npy"), "--out", str(run_dir / "a.html")]) == 0
+    assert irs_main(["report", *common, "--train-data", str(run_dir / "train255.npy"), "--value-range", "0,255",
+                     "--out", str(run_dir / "b.html")]) == 0
+    a, b = (embedded_pngs((run_dir / name).read_text()) for name in ("a.html", "b.html"))
+    assert len(a) == len(b) == 5 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    np.save(run_dir / "train_signed.npy", np.load(run_dir / "train.npy") / np.float32(127.5) - 1)  # diffusers' range
+    assert irs_main(["report", *common, "--train-data", str(run_dir / "train_signed.npy"), "--value-range", "-1,1",
+                     "--out", str(run_dir / "c.html")]) == 0
+    assert len(embedded_pngs((run_dir / "c.html").read_text())) == 5
+    capsys.readouterr()
+    for bad in ("-inf,1", "0,inf", "1,0", "0,nan", "0,1,2", "x"):
+        with pytest.raises(SystemExit) as info:
+            irs_main(["report", *common, "--value-range", bad])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "--value-range: expected LOW,HIGH with finite LOW < HIGH" in err, err

@@ -316,7 +316,15 @@ def test_extreme_inputs_give_ordered_answers():
     assert irs_infinity(1, 50_000, 1_281_166).estimate == 1 / 1_281_166
     for target in (1e-6, 0.5, 1.0):
         rejection_threshold(1_281_166, target, 10**6)
-    SequentialRejectionTest(1_281_166, 0.8, 10**5, pass_alpha=0.05)
+    test = SequentialRejectionTest(1_281_166, 0.8, 10**5, pass_alpha=0.05)
+    assert test.rejection_error <= test.alpha_e and test.pass_error <= test.pass_alpha
+    assert test.k_final <= test.k_min == rejection_threshold(1_281_166, 0.8, 10**5)
+    looks = range(0, 10**5 + 1, 2_500)
+    rejects = [test.reject_threshold(m) for m in looks]
+    assert rejects == sorted(rejects) and rejects[-1] == test.k_final
+    assert rejects[0] == -1 and all(-1 <= r < m for r, m in zip(rejects[1:], looks[1:]))
+    passes = [test.pass_threshold(m) for m in looks[:-1]]
+    assert all(r < p for r, p in zip(rejects, passes))  # never both verdicts at one count
     assert SequentialRejectionTest(1_281_166, 0.8, 10**6, interim_alpha=0).k_final == rejection_threshold(1_281_166, 0.8, 10**6)
 
 
@@ -343,11 +351,52 @@ def test_stats_and_cli_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_ml_diversity_is_the_estimate_of_irs_infinity():
+def _likelihood_argmax(k: int, n: int, big_n: int) -> int:
+    """Eq. 7 by brute force: the s in [k, N] maximising P(K = k | n, s) = C(s, k) S(n, k) k! / s^n, i.e.
+    s (s - 1) ... (s - k + 1) / s^n (the Stirling factor does not depend on s), compared exactly in
+    integers over every s; ties toward the larger s."""
+    best_s, best_num, best_den, falling = None, 0, 1, math.factorial(k)
+    for s in range(k, big_n + 1):
+        if s > k:
+            falling = falling * s // (s - k)
+        den = s ** n
+        if falling * best_den >= best_num * den:
+            best_s, best_num, best_den = s, falling, den
+    return best_s
+
+
+def test_ml_diversity_is_the_likelihood_maximum():
     from irs_callbacks.stats import ml_diversity
 
-    for k, n, big_n in ((1, 1, 10), (5, 5, 40), (30, 50, 200), (692, 1277, 7465), (45_000, 50_000, 1_281_166),
-                        (200, 300, 200)):
-        assert ml_diversity(k, n, big_n) == irs_infinity(k, n, big_n).s_hat
+    cases = ((1, 1, 10), (5, 5, 40), (30, 50, 200), (17, 60, 90), (120, 121, 400), (200, 300, 200), (692, 1277, 7465))
+    for k, n, big_n in cases:
+        s_hat = _likelihood_argmax(k, n, big_n)
+        assert ml_diversity(k, n, big_n) == irs_infinity(k, n, big_n).s_hat == s_hat, (k, n, big_n)
+    # the paper's EchoNet-Dynamic example: IRS_inf = 12.36 %
+    assert round(100 * ml_diversity(692, 1277, 7465) / 7465, 2) == 12.36
     with pytest.raises(ValueError, match="cannot exceed"):
         ml_diversity(6, 5, 40)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --alpha 0",
+     "--alpha must be a number in the open interval (0, 1), got 0.0"),
+    ("threshold --n-train 100 --target 1.5 --n-samples 50", "--target must be a number in (0, 1], got 1.5"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --real-irs 2", "--real-irs must be a number in (0, 1]"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --schedule 10 --interim-alpha 0.2",
+     "--interim-alpha must be in [0, --alpha) = [0, 0.05), got 0.2"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 0 --schedule 10", "--n-samples must be an integer >= 1, got 0"),
+    ("threshold --n-train 100 --target 0.5 --n-samples 50 --schedule 10 --pass-alpha 1", "--pass-alpha must be"),
+    ("estimate --n-train 100 --n-samples 50 --n-learned 60", "--n-learned (60) cannot exceed --n-samples (50)"),
+    ("estimate --n-train 100 --n-samples 50 --n-learned 20 --real-n-samples 10 --real-n-learned 20",
+     "--real-n-learned (20) cannot exceed --real-n-samples (10)"),
+])
+def test_cli_statistics_errors_name_the_options(argv, message, capsys):
+    """Errors of the statistics name the command-line option, not the Python argument (alpha_e, budget, ...)."""
+    from irs_callbacks.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv.split())
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"error: {message}" in err and len(err.strip().splitlines()) == 1, err
+    assert not any(name in err for name in ("alpha_e", "target_irs", "budget", "n_samples", "n_learned", "real_irs"))

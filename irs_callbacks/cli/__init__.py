@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from contextlib import contextmanager
 from importlib import import_module
 
 from irs_callbacks import __version__
@@ -42,6 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def python_names_as_options(**options: str):
+    """Re-spell the ValueErrors raised inside for the command line: each Python argument name given
+    (``alpha_e="--alpha"``) becomes its option, so ``--alpha 0`` reports "--alpha must be ...", not
+    "alpha_e must be ..."."""
+    try:
+        yield
+    except ValueError as error:
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, options)) + r")(?!\w)")
+        raise ValueError(pattern.sub(lambda match: options[match.group(1)], str(error))) from None
+
+
+def value_range_arg(text: str) -> tuple[float, float]:
+    """argparse ``type`` of every ``--value-range``: 'LOW,HIGH' (0,1 or -1,1 or 0,255 ...), the rule of
+    :func:`irs_callbacks.validation.check_value_range` (finite, LOW < HIGH) spelled for the command line."""
+    from irs_callbacks.validation import check_value_range
+
+    try:
+        return check_value_range(text.split(","), "--value-range")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with finite LOW < HIGH, such as 0,1 or -1,1 or 0,255; "
+                                         f"got {text!r}") from None
+
+
 def check_output_file(path, option: str, suffixes: tuple[str, ...] = ()):
     """``path`` (expanded) if a file can be written there: not a folder, its folder writable (or
     creatable); else a ValueError naming ``option``. Checked before any expensive work."""
@@ -58,9 +84,7 @@ def check_output_file(path, option: str, suffixes: tuple[str, ...] = ()):
         parent = parent.parent  # the folders that would be created start here
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {str(out)!r} cannot be written: {str(parent)!r} is not a writable folder")
-    if out.exists() and not os.access(out, os.W_OK) and not os.access(out.parent, os.W_OK):
-        raise ValueError(f"{option} {str(out)!r} exists and cannot be replaced (no write permission)")
-    return out
+    return out  # an existing file is replaced through its (writable) folder: files are written atomically
 
 
 def check_device(device) -> None:
@@ -83,9 +107,27 @@ def check_device(device) -> None:
         raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
+#: options whose value may start with a minus sign (--value-range -1,1); argparse reads "-1,1" as an option
+#: (only plain negative numbers are exempt), so main passes such a value as --value-range=-1,1
+_SIGNED_VALUE_OPTIONS = ("--value-range",)
+_SIGNED_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            return out + [arg] + rest
+        if arg in _SIGNED_VALUE_OPTIONS and rest and _SIGNED_VALUE.match(rest[0]):
+            arg = f"{arg}={rest.pop(0)}"
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_signed_values(sys.argv[1:] if argv is None else argv))
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from irs_callbacks.cli import value_range_arg
+
 
 def register(subparsers) -> None:
     report = subparsers.add_parser(
@@ -20,8 +22,9 @@ def register(subparsers) -> None:
     report.add_argument("--train-data", default=None,
                         help="training images (folder or .npy/.npz, in reference-bank order) to draw the galleries from "
                              "instead of those saved with the evaluation")
-    report.add_argument("--value-range", choices=("0,1", "-1,1"), default="0,1", metavar="LOW,HIGH",
-                        help="range of float --train-data arrays: 0,1 (default) or -1,1")
+    report.add_argument("--value-range", type=value_range_arg, default=(0.0, 1.0), metavar="LOW,HIGH",
+                        help="range of float --train-data arrays: 0,1 (default), -1,1, 0,255, ... "
+                             "(uint8 is always 0..255, uint16 0..65535)")
     report.add_argument("--step", type=int, default=None, help="evaluation whose N_learned curve is drawn (default: last)")
     report.add_argument("--out", default="irs_report.html", help="output HTML file (default irs_report.html)")
     report.set_defaults(handler=_report)
@@ -32,8 +35,7 @@ def _report(args: argparse.Namespace) -> int:
     from irs_callbacks.report import render_report
 
     out = check_output_file(args.out, "--out", suffixes=(".html", ".htm"))
-    value_range = (0.0, 1.0) if args.value_range == "0,1" else (-1.0, 1.0)
     path = render_report(args.run, out, evaluation=args.evaluation, train_data=args.train_data, step=args.step,
-                         train_value_range=value_range)
+                         train_value_range=args.value_range)
     print(path)
     return 0

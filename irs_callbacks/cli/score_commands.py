@@ -9,19 +9,11 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
+
+from irs_callbacks.cli import value_range_arg
 
 METRICS = ("irs", "fid", "kid", "prdc", "vendi")
-
-
-def _value_range(text: str) -> tuple[float, float]:
-    """argparse type of --value-range: 'LOW,HIGH', e.g. 0,1 or -1,1 or 0,255."""
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 0,1 or -1,1, got {text!r}") from None
-    if not low < high:
-        raise argparse.ArgumentTypeError(f"expected LOW < HIGH, got {text!r}")
-    return low, high
 
 
 def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +31,7 @@ def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
                         help="retrieval distance (default: euclidean, or the one of a saved bank)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--value-range", type=_value_range, default=(0.0, 1.0), metavar="LOW,HIGH",
+    parser.add_argument("--value-range", type=value_range_arg, default=(0.0, 1.0), metavar="LOW,HIGH",
                         help="range of float images in .npy/.npz arrays: 0,1 (default), -1,1, 0,255, ... "
                              "(uint8 is always 0..255, uint16 0..65535); values outside it are an error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split of TRAIN for IRS_inf,real (default 0)")
@@ -136,26 +128,36 @@ def _path(value, option: str):
     return None if value is None else expand_path(value, option)
 
 
-def _extract(extractor, data, args, value_range):
-    """extract_features, with the command-line spelling of a value-range fix."""
-    from irs_callbacks.features import ValueRangeError, extract_features
+@contextmanager
+def _value_range_fix_as_option(source=None):
+    """A ValueRangeError raised inside becomes a ValueError ending with the fix as an option
+    ('; here: --value-range 0,255'), prefixed with ``source`` when given."""
+    from irs_callbacks.features import ValueRangeError
 
     try:
-        return extract_features(extractor, data, batch_size=args.batch_size, value_range=value_range,
-                                progress=not args.no_progress)
+        yield
     except ValueRangeError as error:
         hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
-        raise ValueError(f"{data}: {error}{hint}") from None
+        raise ValueError(f"{'' if source is None else f'{source}: '}{error}{hint}") from None
+
+
+def _extract(extractor, data, args, value_range):
+    """extract_features, with the command-line spelling of a value-range fix."""
+    from irs_callbacks.features import extract_features
+
+    with _value_range_fix_as_option(data):
+        return extract_features(extractor, data, batch_size=args.batch_size, value_range=value_range,
+                                progress=not args.no_progress)
 
 
 def _check_common(args) -> None:
     """Cheap checks before any expensive work: numbers, device, paths."""
     from irs_callbacks.cli import check_device
+    from irs_callbacks.validation import check_int
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.input_size is not None and args.input_size < 1:
-        raise ValueError(f"--input-size must be >= 1, got {args.input_size}")
+    args.batch_size = check_int(args.batch_size, "--batch-size", 1)
+    if args.input_size is not None:
+        args.input_size = check_int(args.input_size, "--input-size", 1)
     check_device(args.device)
     args.train = _path(args.train, "TRAIN")
     args.reference_set = _path(args.reference_set, "--reference-set")
@@ -163,21 +165,17 @@ def _check_common(args) -> None:
 
 def _build(args) -> int:
     from irs_callbacks.cli import check_output_file
-    from irs_callbacks.features import ValueRangeError
     from irs_callbacks.reference import ReferenceBank
 
     _check_common(args)
     out = check_output_file(args.out, "--out", suffixes=(".safetensors",))
     started = time.perf_counter()
     extractor = _make_extractor(args)
-    try:
+    with _value_range_fix_as_option():
         bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
                                    distance=args.distance or "euclidean", batch_size=args.batch_size,
                                    device=args.device, seed=args.seed, value_range=args.value_range,
                                    progress=not args.no_progress)
-    except ValueRangeError as error:
-        hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
-        raise ValueError(f"{error}{hint}") from None
     path = bank.save(out)
     print(f"saved {path}: {_bank_line(bank)} ({time.perf_counter() - started:.1f} s)")
     return 0
@@ -222,19 +220,23 @@ def _score(args) -> int:
     import torch
 
     from irs_callbacks.cli import check_output_file
-    from irs_callbacks.features import ValueRangeError
     from irs_callbacks.image_io import iter_image_batches
     from irs_callbacks.reference import ReferenceBank
+    from irs_callbacks.validation import check_fraction, check_probability
 
     _check_common(args)
     args.samples = _path(args.samples, "SAMPLES")
     metrics = _parse_metrics(args.metrics)
-    if args.target is not None and not 0 < args.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
-    if not 0 < args.alpha_e < 1:
-        raise ValueError(f"--alpha-e must be in (0, 1), got {args.alpha_e}")
+    if args.target is not None:
+        args.target = check_fraction(args.target, "--target")
+    args.alpha_e = check_probability(args.alpha_e, "--alpha-e")
     json_out = check_output_file(args.json, "--json") if args.json not in (None, "-") else None
-    iter_image_batches(args.samples)  # fail early on a missing/empty SAMPLES, before the expensive TRAIN
+    # fail early on a missing/empty SAMPLES, before the expensive TRAIN; an array is read once, later
+    if args.samples.suffix.lower() in (".npy", ".npz") and not args.samples.is_dir():
+        if not args.samples.is_file():
+            raise ValueError(f"SAMPLES: array file {str(args.samples)!r} does not exist")
+    else:
+        iter_image_batches(args.samples)  # lists a folder's images without reading them
     timings, started = {}, time.perf_counter()
     value_range = args.value_range
     if args.train.suffix == ".safetensors" and args.train.is_file():
@@ -249,14 +251,11 @@ def _score(args) -> int:
         bank = ReferenceBank.load(args.train, expect=expect)
     else:
         extractor = _make_extractor(args)
-        try:
+        with _value_range_fix_as_option():
             bank = ReferenceBank.build(args.train, extractor=extractor, reference=args.reference_set,
                                        distance=args.distance or "euclidean", batch_size=args.batch_size,
                                        device=args.device, cache_dir=_path(args.cache_dir, "--cache-dir"),
                                        seed=args.seed, value_range=value_range, progress=not args.no_progress)
-        except ValueRangeError as error:
-            hint = f"; here: --value-range {error.suggested[0]:g},{error.suggested[1]:g}" if error.suggested else ""
-            raise ValueError(f"{error}{hint}") from None
     timings["reference_s"] = round(time.perf_counter() - started, 3)
 
     t = time.perf_counter()

@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from irs_callbacks.cli import python_names_as_options
+
+#: the Python names of the statistics' arguments -> the options of these commands
+_THRESHOLD_OPTIONS = {"n_train": "--n-train", "target_irs": "--target", "n_samples": "--n-samples",
+                      "budget": "--n-samples", "alpha_e": "--alpha", "real_irs": "--real-irs",
+                      "interim_alpha": "--interim-alpha", "pass_alpha": "--pass-alpha"}
+_ESTIMATE_OPTIONS = {"n_train": "--n-train", "n_samples": "--n-samples", "n_learned": "--n-learned",
+                     "alpha_e": "--alpha"}
+_REAL_ESTIMATE_OPTIONS = {**_ESTIMATE_OPTIONS, "n_samples": "--real-n-samples", "n_learned": "--real-n-learned"}
+
 
 def register(subparsers) -> None:
     threshold = subparsers.add_parser(
@@ -67,7 +77,8 @@ def _threshold(args: argparse.Namespace) -> int:
         return _schedule(args)
     if args.interim_alpha is not None or args.pass_alpha is not None:
         raise ValueError("--interim-alpha and --pass-alpha need --schedule BATCH")
-    k_min = rejection_threshold(args.n_train, args.target, args.n_samples, args.alpha, real_irs=args.real_irs)
+    with python_names_as_options(**_THRESHOLD_OPTIONS):
+        k_min = rejection_threshold(args.n_train, args.target, args.n_samples, args.alpha, real_irs=args.real_irs)
     if args.json:
         keys = ("n_train", "target", "n_samples", "alpha", "real_irs")
         print(json.dumps({"k_min": k_min, **{key: getattr(args, key) for key in keys}}))
@@ -82,15 +93,16 @@ def _schedule(args: argparse.Namespace) -> int:
     from irs_callbacks.validation import check_int
 
     batch = check_int(args.schedule, "--schedule", 1)
-    test = SequentialRejectionTest(
-        args.n_train,
-        args.target,
-        args.n_samples,
-        args.alpha,
-        real_irs=args.real_irs,
-        interim_alpha=args.interim_alpha,
-        pass_alpha=args.pass_alpha,
-    )
+    with python_names_as_options(**_THRESHOLD_OPTIONS):
+        test = SequentialRejectionTest(
+            args.n_train,
+            args.target,
+            args.n_samples,
+            args.alpha,
+            real_irs=args.real_irs,
+            interim_alpha=args.interim_alpha,
+            pass_alpha=args.pass_alpha,
+        )
     looks = []
     for m in [*range(batch, test.budget, batch), test.budget]:
         reject = test.reject_threshold(m)
@@ -150,10 +162,12 @@ def _estimate(args: argparse.Namespace) -> int:
 
     if (args.real_n_samples is None) != (args.real_n_learned is None):
         raise ValueError("--real-n-samples and --real-n-learned must be given together")
-    synthetic = irs_infinity(args.n_learned, args.n_samples, args.n_train, args.alpha)
+    with python_names_as_options(**_ESTIMATE_OPTIONS):
+        synthetic = irs_infinity(args.n_learned, args.n_samples, args.n_train, args.alpha)
     real = None
     if args.real_n_samples is not None:
-        real = irs_infinity(args.real_n_learned, args.real_n_samples, args.n_train, args.alpha)
+        with python_names_as_options(**_REAL_ESTIMATE_OPTIONS):
+            real = irs_infinity(args.real_n_learned, args.real_n_samples, args.n_train, args.alpha)
     adjusted = None if real is None else adjusted_irs(synthetic, real)
 
     if args.json:
