@@ -255,7 +255,14 @@ class IRSMonitor:
 
     def _procs(self):
         if self.processes is None:
-            self.processes = SingleProcess(self.options.device)
+            world = torch.distributed.get_world_size() if _distributed() else 1
+            if world > 1:  # not connected to the run's processes: every one would evaluate and write
+                self.processes = _UnconnectedProcess(torch.distributed.get_rank(), self.options.device)
+                self._disable(f"torch.distributed runs {world} processes but the monitor was not connected to them: "
+                              "call monitor.attach(accelerator) after accelerator.prepare(...), or use "
+                              "irs_callbacks.lightning.IRSCallback")
+            else:
+                self.processes = SingleProcess(self.options.device)
         return self.processes
 
     def _device(self) -> torch.device:
@@ -415,42 +422,38 @@ class IRSMonitor:
     # ------------------------------------------------------------------------------ evaluate
     def evaluate(self, sampler=None, step: int | None = None) -> EvaluationResult:
         """Run one evaluation now. With ``step`` it is recorded (history, TensorBoard, checkpoint
-        verdicts); without, it is only returned. Raises on problems (``step()`` catches them)."""
-        error = None
+        verdicts); without, it is only returned. Collective: with several processes, call it on
+        every process (like :meth:`step`). Raises on problems, the same error type on every
+        process (``step()`` catches them)."""
+        procs = self._procs()
+        if isinstance(procs, _UnconnectedProcess):
+            raise SetupError(self._disabled)
+        error = None  # set up on every process first: prepare_reference waits for the others
         try:
-            sampler = self._sampler(sampler)
+            self._prepare_engine()
+        except Exception as exc:  # noqa: BLE001 - raised below, on every process alike
+            error = SetupError(f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        chosen = sampler if sampler is not None else self.sampler
+        if error is None and chosen is not None:
             try:
-                self._prepare_engine()
+                sampler = as_sampler(chosen)
+                if step is not None:
+                    self._ensure_sinks()  # before the evaluation's clock starts (figure warm-up, writers)
             except Exception as exc:  # noqa: BLE001
-                raise SetupError(f"{type(exc).__name__}: {exc}") from exc
-            if step is not None:
-                self._ensure_sinks()  # before the evaluation's clock starts (figure warm-up, writers)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process alike
-            error = exc
-        if self._procs().world > 1 and self._procs().any(error is not None):  # no rank left waiting
-            kind = SetupError if isinstance(error, SetupError) or error is None else EvaluationError
-            raise kind(f"evaluation set-up failed on a process: {error!r}") from error
-        if error is not None:
-            raise error
+                error = exc
+        _raise_alike(procs, error, chosen is None)
         result = self._engine.run(sampler, step)
         if result.n_invalid:
             message = (f"IRSMonitor: {result.n_invalid} of {result.samples_used} samples at step {step} contain "
                        "NaN/Inf (counted as failures, never as learned)")
             if self.strict:
                 raise EvaluationError(message)
-            if self._procs().is_main:
+            if procs.is_main:
                 logger.warning(message)
         if step is not None:
             self._record(result)
         return result
-
-    def _sampler(self, sampler):
-        chosen = sampler if sampler is not None else self.sampler
-        if chosen is None:
-            raise ValueError("IRSMonitor has no sampler: pass one to IRSMonitor(sampler), step(..., sampler=) or "
-                             "evaluate(sampler) (a diffusers pipeline, a PipelineSampler, a callable "
-                             "(batch_size, generator) -> images, or an irs_callbacks.samplers.Sampler)")
-        return as_sampler(chosen)
 
     def _record(self, result: EvaluationResult) -> None:
         """History (every process), sinks and the verdict line (main process). The time spent in
@@ -616,6 +619,52 @@ class IRSMonitor:
 
 class SetupError(EvaluationError):
     """The monitor's reference could not be prepared (training data, extractor, bank)."""
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class _UnconnectedProcess(SingleProcess):
+    """One process of a torch.distributed run the monitor was not connected to (it stays off): no
+    collective call, and only rank 0 writes and logs."""
+
+    def __init__(self, rank: int, device=None):
+        super().__init__(device)
+        self.rank, self.is_main = rank, rank == 0
+
+
+def _raise_alike(procs, error: Exception | None, no_sampler: bool) -> None:
+    """Before an evaluation's first collective call: one gather of every process's set-up outcome
+    (``error``; whether it has no sampler), then the same decision on every process, so that none
+    is left waiting in a collective call the others skipped. A sampler on some processes only is a
+    :class:`SetupError` (the monitor turns off), on none a ValueError; then, with one process its
+    own error, with several a set-up failure anywhere is a :class:`SetupError` and any other (e.g.
+    the main process's outputs) an :class:`EvaluationError`."""
+    code = 0 if error is None else 2 if isinstance(error, SetupError) else 1
+    flags = [[code, int(no_sampler)]]
+    if procs.world > 1:
+        flags = procs.gather(torch.tensor([code, int(no_sampler)], device=procs.device)).view(procs.world, 2).tolist()
+    without = [rank for rank, (_, missing) in enumerate(flags) if missing]
+    if without and len(without) < procs.world:
+        raise SetupError(f"no sampler on process(es) {without}, while the others have one (the sampler inferred "
+                         "at save_state exists only where save_state ran, e.g. on the main process only): pass "
+                         "IRSMonitor(PipelineSampler(...))")
+    if without:
+        raise ValueError("IRSMonitor has no sampler: pass one to IRSMonitor(sampler), step(..., sampler=) or "
+                         "evaluate(sampler) (a diffusers pipeline, a PipelineSampler, a callable "
+                         "(batch_size, generator) -> images, or an irs_callbacks.samplers.Sampler)")
+    if procs.world == 1:
+        if error is not None:
+            raise error
+        return
+    own = "" if error is None else f": {error}"
+    setup = [rank for rank, (c, _) in enumerate(flags) if c == 2]
+    failed = [rank for rank, (c, _) in enumerate(flags) if c]
+    if setup:
+        raise SetupError(f"set-up failed on process(es) {setup}{own}") from error
+    if failed:
+        raise EvaluationError(f"evaluation set-up failed on process(es) {failed}{own}") from error
 
 
 def _verdict_line(result: EvaluationResult) -> str:
