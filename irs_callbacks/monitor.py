@@ -173,9 +173,8 @@ class IRSMonitor:
         self._main_process_first = None
         self._follows_checkpoints = False
         # built on first use
-        self._prepared = None
         self._engine = None
-        self._sinks = None
+        self._sinks = None  # TensorBoard, the saved evaluation (main process)
         self._history_sink = None
         self._background = BackgroundWork()
         self._disabled: str | None = None  # why evaluations are off (set-up failed), logged once
@@ -286,7 +285,7 @@ class IRSMonitor:
         problems (the monitor's own calls catch them)."""
         self._prepare_engine()
         self._ensure_sinks()
-        return self._prepared.bank
+        return self._engine.reference.bank
 
     def _prepare_engine(self) -> None:
         if self._engine is not None:
@@ -304,7 +303,7 @@ class IRSMonitor:
                 self._info("IRSMonitor: the reference bank has no real-data measurement: the target is on the "
                            "absolute scale and no adjusted score is reported")
             engine.warm_up()
-        self._prepared, self._engine = prepared, engine
+        self._engine = engine
         test = engine.rejection_test()
         bank = prepared.bank
         real = bank.real
@@ -319,7 +318,8 @@ class IRSMonitor:
                    " of the latter" if self.settings.adjust and real is not None else "")
 
     def _ensure_sinks(self) -> None:
-        """History, TensorBoard and the saved evaluation (main process only)."""
+        """History, TensorBoard and the saved evaluation (main process only; after
+        :meth:`_prepare_engine`)."""
         if self._sinks is not None or not self._procs().is_main:
             return
         path = self.history_file
@@ -331,8 +331,8 @@ class IRSMonitor:
                 path.stat().st_mtime)) if path.is_file() else "previous")
             if archived is not None:
                 logger.info("IRSMonitor: %s held another run's history; moved to %s", path, archived)
-        sinks = [history]
-        images = self._prepared.training_images if self._prepared is not None else None
+        sinks = []
+        images = self._engine.reference.training_images
         if self.options.tensorboard:
             factory = self._tensorboard_factory
             tensorboard = factory() if callable(factory) else factory
@@ -347,12 +347,11 @@ class IRSMonitor:
         sinks.append(EvaluationFileSink(Path(history.path).with_name(LAST_EVALUATION_NAME),
                                         training_images=images if self.options.log_images else None))
         self._sinks, self._history_sink = sinks, history
-        if self._engine is not None:
-            test = self._engine.rejection_test()
-            for sink in sinks:
-                if hasattr(sink, "warm_up"):
-                    sink.warm_up({"n_train": self._prepared.bank.n_train, "budget": test.budget,
-                                  "k_min": int(test.k_min), "target_s": float(test.s_d)})
+        test = self._engine.rejection_test()
+        for sink in sinks:
+            if hasattr(sink, "warm_up"):
+                sink.warm_up({"n_train": self._engine.reference.bank.n_train, "budget": test.budget,
+                              "k_min": int(test.k_min), "target_s": float(test.s_d)})
 
     # ------------------------------------------------------------------------------ per step
     def step(self, step, sampler=None) -> bool:
@@ -412,9 +411,10 @@ class IRSMonitor:
             return None
 
     def _update_stopping(self, result: EvaluationResult) -> None:
-        local = self.stopping.update(result.step, result.verdict)
-        if self._procs().any(local) and not local:
-            self.stopping.stop(result.step)
+        """Every process holds the same history and stopping state and gets the same verdict (the
+        engine gathers the retrieved indices and decides identically everywhere), so each takes
+        the same decision here, without a collective call."""
+        self.stopping.update(result.step, result.verdict)
         if self.should_stop and self.stopping.stopped_at == result.step and self._procs().is_main:
             logger.warning("IRSMonitor: %d consecutive rejected evaluations (patience=%s) at step %s: stop training",
                            self.stopping.consecutive_rejections, self.stopping.patience, result.step)
@@ -456,17 +456,17 @@ class IRSMonitor:
         return result
 
     def _record(self, result: EvaluationResult) -> None:
-        """History (every process), sinks and the verdict line (main process). The time spent in
-        the loop here counts as the monitor's; display work runs on the background thread."""
+        """History (every process), sinks and the verdict line (main process). A sink that fails
+        is logged and skipped (strict: raised), so the evaluation counts alike on every process
+        (history, patience, pruning). The time spent in the loop here counts as the monitor's;
+        display work runs on the background thread."""
         t0 = time.perf_counter()
-        if self._procs().is_main:
-            self._ensure_sinks()
+        is_main = self._procs().is_main
+        if is_main:
             record = result.as_record()
             payloads = []
             for sink in self._sinks:
-                if sink is self._history_sink:
-                    continue
-                sink.write(result, record)
+                self._write(sink, result, record)
                 if hasattr(sink, "display"):
                     payloads.append((sink, sink.prepare(result) if hasattr(sink, "prepare") else None))
             for sink, payload in payloads:  # PNG encoding, figures, files: off the training loop
@@ -476,9 +476,26 @@ class IRSMonitor:
                                  total=result.timing["total"] + spent)
         record = result.as_record()
         self.history = [r for r in self.history if r.step != result.step] + [record]
-        if self._procs().is_main:
-            self._history_sink.write(result, record)
+        if is_main:
+            self._write(self._history_sink, result, record)
             logger.info("%s", _verdict_line(result))
+
+    def _write(self, sink, result: EvaluationResult, record: EvaluationRecord) -> None:
+        """``sink.write``; a failure (a full disk, a tracker's error) is one ERROR per output (then
+        DEBUG), never a lost evaluation, unless ``strict``."""
+        try:
+            sink.write(result, record)
+        except Exception as error:  # noqa: BLE001 - an output problem must not drop the evaluation
+            if self.strict:
+                raise
+            output = f"{type(sink).__name__}({getattr(sink, 'path', '')})"
+            if ("write", output) in self._warned:
+                logger.debug("IRSMonitor: %s failed again at step %s: %r", output, result.step, error)
+                return
+            self._warned.add(("write", output))
+            logger.error("IRSMonitor: could not write the evaluation at step %s to %s: %r. The evaluation counts "
+                         "(history in memory and in checkpoints, patience, pruning); later failures of this output "
+                         "are logged at DEBUG level only (strict=True raises instead).", result.step, output, error)
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_saved(self, path) -> None:
@@ -612,7 +629,7 @@ class IRSMonitor:
             if self.pruner.is_open:
                 self.pruner.close()
         self._background.close()
-        for sink in self._sinks or ():
+        for sink in [self._history_sink, *self._sinks] if self._sinks is not None else ():
             sink.close()
         self._raise_if_strict()
 
