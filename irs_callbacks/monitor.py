@@ -79,8 +79,10 @@ class MonitorOptions:
         log_images: sample and over-retrieved grids, the curve figure, galleries for the report.
         num_log_images: generated images in the TensorBoard grid.
         history_file: the JSON-lines history (default ``<log_dir>/irs_history.jsonl``).
-        shard_bank: with several processes, each holds a shard of the training features
-            (False: a full copy on every process).
+        shard_bank: with several processes, each process's device holds a shard of the training
+            features for the search (False: a full copy on every device). Host memory is not
+            sharded: every process loads the whole reference bank (N_train x dim float32, 10.5 GB
+            for ImageNet at dim 2048).
     """
 
     seed: int = 0
@@ -171,9 +173,8 @@ class IRSMonitor:
         self._main_process_first = None
         self._follows_checkpoints = False
         # built on first use
-        self._prepared = None
         self._engine = None
-        self._sinks = None
+        self._sinks = None  # TensorBoard, the saved evaluation (main process)
         self._history_sink = None
         self._background = BackgroundWork()
         self._disabled: str | None = None  # why evaluations are off (set-up failed), logged once
@@ -254,7 +255,14 @@ class IRSMonitor:
 
     def _procs(self):
         if self.processes is None:
-            self.processes = SingleProcess(self.options.device)
+            world = torch.distributed.get_world_size() if _distributed() else 1
+            if world > 1:  # not connected to the run's processes: every one would evaluate and write
+                self.processes = _UnconnectedProcess(torch.distributed.get_rank(), self.options.device)
+                self._disable(f"torch.distributed runs {world} processes but the monitor was not connected to them: "
+                              "call monitor.attach(accelerator) after accelerator.prepare(...), or use "
+                              "irs_callbacks.lightning.IRSCallback")
+            else:
+                self.processes = SingleProcess(self.options.device)
         return self.processes
 
     def _device(self) -> torch.device:
@@ -278,7 +286,7 @@ class IRSMonitor:
         problems (the monitor's own calls catch them)."""
         self._prepare_engine()
         self._ensure_sinks()
-        return self._prepared.bank
+        return self._engine.reference.bank
 
     def _prepare_engine(self) -> None:
         if self._engine is not None:
@@ -296,7 +304,7 @@ class IRSMonitor:
                 self._info("IRSMonitor: the reference bank has no real-data measurement: the target is on the "
                            "absolute scale and no adjusted score is reported")
             engine.warm_up()
-        self._prepared, self._engine = prepared, engine
+        self._engine = engine
         test = engine.rejection_test()
         bank = prepared.bank
         real = bank.real
@@ -311,7 +319,8 @@ class IRSMonitor:
                    " of the latter" if self.settings.adjust and real is not None else "")
 
     def _ensure_sinks(self) -> None:
-        """History, TensorBoard and the saved evaluation (main process only)."""
+        """History, TensorBoard and the saved evaluation (main process only; after
+        :meth:`_prepare_engine`)."""
         if self._sinks is not None or not self._procs().is_main:
             return
         path = self.history_file
@@ -323,8 +332,8 @@ class IRSMonitor:
                 path.stat().st_mtime)) if path.is_file() else "previous")
             if archived is not None:
                 logger.info("IRSMonitor: %s held another run's history; moved to %s", path, archived)
-        sinks = [history]
-        images = self._prepared.training_images if self._prepared is not None else None
+        sinks = []
+        images = self._engine.reference.training_images
         if self.options.tensorboard:
             factory = self._tensorboard_factory
             tensorboard = factory() if callable(factory) else factory
@@ -339,12 +348,11 @@ class IRSMonitor:
         sinks.append(EvaluationFileSink(Path(history.path).with_name(LAST_EVALUATION_NAME),
                                         training_images=images if self.options.log_images else None))
         self._sinks, self._history_sink = sinks, history
-        if self._engine is not None:
-            test = self._engine.rejection_test()
-            for sink in sinks:
-                if hasattr(sink, "warm_up"):
-                    sink.warm_up({"n_train": self._prepared.bank.n_train, "budget": test.budget,
-                                  "k_min": int(test.k_min), "target_s": float(test.s_d)})
+        test = self._engine.rejection_test()
+        for sink in sinks:
+            if hasattr(sink, "warm_up"):
+                sink.warm_up({"n_train": self._engine.reference.bank.n_train, "budget": test.budget,
+                              "k_min": int(test.k_min), "target_s": float(test.s_d)})
 
     # ------------------------------------------------------------------------------ per step
     def step(self, step, sampler=None) -> bool:
@@ -405,9 +413,10 @@ class IRSMonitor:
             return None
 
     def _update_stopping(self, result: EvaluationResult) -> None:
-        local = self.stopping.update(result.step, result.verdict)
-        if self._procs().any(local) and not local:
-            self.stopping.stop(result.step)
+        """Every process holds the same history and stopping state and gets the same verdict (the
+        engine gathers the retrieved indices and decides identically everywhere), so each takes
+        the same decision here, without a collective call."""
+        self.stopping.update(result.step, result.verdict)
         if self.should_stop and self.stopping.stopped_at == result.step and self._procs().is_main:
             logger.warning("IRSMonitor: %d consecutive rejected evaluations (patience=%s) at step %s: stop training",
                            self.stopping.consecutive_rejections, self.stopping.patience, result.step)
@@ -415,55 +424,51 @@ class IRSMonitor:
     # ------------------------------------------------------------------------------ evaluate
     def evaluate(self, sampler=None, step: int | None = None) -> EvaluationResult:
         """Run one evaluation now. With ``step`` it is recorded (history, TensorBoard, checkpoint
-        verdicts); without, it is only returned. Raises on problems (``step()`` catches them)."""
-        error = None
+        verdicts); without, it is only returned. Collective: with several processes, call it on
+        every process (like :meth:`step`). Raises on problems, the same error type on every
+        process (``step()`` catches them)."""
+        procs = self._procs()
+        if isinstance(procs, _UnconnectedProcess):
+            raise SetupError(self._disabled)
+        error = None  # set up on every process first: prepare_reference waits for the others
         try:
-            sampler = self._sampler(sampler)
+            self._prepare_engine()
+        except Exception as exc:  # noqa: BLE001 - raised below, on every process alike
+            error = SetupError(f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        chosen = sampler if sampler is not None else self.sampler
+        if error is None and chosen is not None:
             try:
-                self._prepare_engine()
+                sampler = as_sampler(chosen)
+                if step is not None:
+                    self._ensure_sinks()  # before the evaluation's clock starts (figure warm-up, writers)
             except Exception as exc:  # noqa: BLE001
-                raise SetupError(f"{type(exc).__name__}: {exc}") from exc
-            if step is not None:
-                self._ensure_sinks()  # before the evaluation's clock starts (figure warm-up, writers)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process alike
-            error = exc
-        if self._procs().world > 1 and self._procs().any(error is not None):  # no rank left waiting
-            kind = SetupError if isinstance(error, SetupError) or error is None else EvaluationError
-            raise kind(f"evaluation set-up failed on a process: {error!r}") from error
-        if error is not None:
-            raise error
+                error = exc
+        _raise_alike(procs, error, chosen is None)
         result = self._engine.run(sampler, step)
         if result.n_invalid:
             message = (f"IRSMonitor: {result.n_invalid} of {result.samples_used} samples at step {step} contain "
                        "NaN/Inf (counted as failures, never as learned)")
             if self.strict:
                 raise EvaluationError(message)
-            if self._procs().is_main:
+            if procs.is_main:
                 logger.warning(message)
         if step is not None:
             self._record(result)
         return result
 
-    def _sampler(self, sampler):
-        chosen = sampler if sampler is not None else self.sampler
-        if chosen is None:
-            raise ValueError("IRSMonitor has no sampler: pass one to IRSMonitor(sampler), step(..., sampler=) or "
-                             "evaluate(sampler) (a diffusers pipeline, a PipelineSampler, a callable "
-                             "(batch_size, generator) -> images, or an irs_callbacks.samplers.Sampler)")
-        return as_sampler(chosen)
-
     def _record(self, result: EvaluationResult) -> None:
-        """History (every process), sinks and the verdict line (main process). The time spent in
-        the loop here counts as the monitor's; display work runs on the background thread."""
+        """History (every process), sinks and the verdict line (main process). A sink that fails
+        is logged and skipped (strict: raised), so the evaluation counts alike on every process
+        (history, patience, pruning). The time spent in the loop here counts as the monitor's;
+        display work runs on the background thread."""
         t0 = time.perf_counter()
-        if self._procs().is_main:
-            self._ensure_sinks()
+        is_main = self._procs().is_main
+        if is_main:
             record = result.as_record()
             payloads = []
             for sink in self._sinks:
-                if sink is self._history_sink:
-                    continue
-                sink.write(result, record)
+                self._write(sink, result, record)
                 if hasattr(sink, "display"):
                     payloads.append((sink, sink.prepare(result) if hasattr(sink, "prepare") else None))
             for sink, payload in payloads:  # PNG encoding, figures, files: off the training loop
@@ -473,9 +478,26 @@ class IRSMonitor:
                                  total=result.timing["total"] + spent)
         record = result.as_record()
         self.history = [r for r in self.history if r.step != result.step] + [record]
-        if self._procs().is_main:
-            self._history_sink.write(result, record)
+        if is_main:
+            self._write(self._history_sink, result, record)
             logger.info("%s", _verdict_line(result))
+
+    def _write(self, sink, result: EvaluationResult, record: EvaluationRecord) -> None:
+        """``sink.write``; a failure (a full disk, a tracker's error) is one ERROR per output (then
+        DEBUG), never a lost evaluation, unless ``strict``."""
+        try:
+            sink.write(result, record)
+        except Exception as error:  # noqa: BLE001 - an output problem must not drop the evaluation
+            if self.strict:
+                raise
+            output = f"{type(sink).__name__}({getattr(sink, 'path', '')})"
+            if ("write", output) in self._warned:
+                logger.debug("IRSMonitor: %s failed again at step %s: %r", output, result.step, error)
+                return
+            self._warned.add(("write", output))
+            logger.error("IRSMonitor: could not write the evaluation at step %s to %s: %r. The evaluation counts "
+                         "(history in memory and in checkpoints, patience, pruning); later failures of this output "
+                         "are logged at DEBUG level only (strict=True raises instead).", result.step, output, error)
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_saved(self, path) -> None:
@@ -610,13 +632,59 @@ class IRSMonitor:
             if self.pruner.is_open:
                 self.pruner.close()
         self._background.close()
-        for sink in self._sinks or ():
+        for sink in [self._history_sink, *self._sinks] if self._sinks is not None else ():
             sink.close()
         self._raise_if_strict()
 
 
 class SetupError(EvaluationError):
     """The monitor's reference could not be prepared (training data, extractor, bank)."""
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class _UnconnectedProcess(SingleProcess):
+    """One process of a torch.distributed run the monitor was not connected to (it stays off): no
+    collective call, and only rank 0 writes and logs."""
+
+    def __init__(self, rank: int, device=None):
+        super().__init__(device)
+        self.rank, self.is_main = rank, rank == 0
+
+
+def _raise_alike(procs, error: Exception | None, no_sampler: bool) -> None:
+    """Before an evaluation's first collective call: one gather of every process's set-up outcome
+    (``error``; whether it has no sampler), then the same decision on every process, so that none
+    is left waiting in a collective call the others skipped. A sampler on some processes only is a
+    :class:`SetupError` (the monitor turns off), on none a ValueError; then, with one process its
+    own error, with several a set-up failure anywhere is a :class:`SetupError` and any other (e.g.
+    the main process's outputs) an :class:`EvaluationError`."""
+    code = 0 if error is None else 2 if isinstance(error, SetupError) else 1
+    flags = [[code, int(no_sampler)]]
+    if procs.world > 1:
+        flags = procs.gather(torch.tensor([code, int(no_sampler)], device=procs.device)).view(procs.world, 2).tolist()
+    without = [rank for rank, (_, missing) in enumerate(flags) if missing]
+    if without and len(without) < procs.world:
+        raise SetupError(f"no sampler on process(es) {without}, while the others have one (the sampler inferred "
+                         "at save_state exists only where save_state ran, e.g. on the main process only): pass "
+                         "IRSMonitor(PipelineSampler(...))")
+    if without:
+        raise ValueError("IRSMonitor has no sampler: pass one to IRSMonitor(sampler), step(..., sampler=) or "
+                         "evaluate(sampler) (a diffusers pipeline, a PipelineSampler, a callable "
+                         "(batch_size, generator) -> images, or an irs_callbacks.samplers.Sampler)")
+    if procs.world == 1:
+        if error is not None:
+            raise error
+        return
+    own = "" if error is None else f": {error}"
+    setup = [rank for rank, (c, _) in enumerate(flags) if c == 2]
+    failed = [rank for rank, (c, _) in enumerate(flags) if c]
+    if setup:
+        raise SetupError(f"set-up failed on process(es) {setup}{own}") from error
+    if failed:
+        raise EvaluationError(f"evaluation set-up failed on process(es) {failed}{own}") from error
 
 
 def _verdict_line(result: EvaluationResult) -> str:

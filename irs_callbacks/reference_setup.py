@@ -177,7 +177,10 @@ def _image_lookup(data, value_range):
     if not (is_map_style(data) or isinstance(data, (torch.Tensor, np.ndarray))):
         return None
 
-    @functools.lru_cache(maxsize=256)  # the grids and galleries of one evaluation overlap
+    # one evaluation reads at most 32 rows (the 16 most retrieved, for the grid and the report,
+    # and 16 never retrieved ones); the cache lives as long as the run: keep it small
+    # (48 RGB 512^2 float images: 150 MB)
+    @functools.lru_cache(maxsize=48)
     def one(row: int) -> torch.Tensor:
         return item_tensor(data[row])
 

@@ -86,3 +86,65 @@ def test_only_the_main_process_writes(runs):
     assert {k: v["status"] for k, v in ledger_two.items()} == expected
     for run_folder in (base / "one", base / "two"):
         assert sorted(p.name for p in run_folder.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
+
+
+FAILURES_WORKER = Path(__file__).parent / "dist_failures_worker.py"
+SCENARIOS = ("no_sampler", "broken_outputs", "full_disk", "unconnected")
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+    """Monitoring problems on one process of two (one launch, one monitor per scenario): every rank
+    must end each scenario (no hang: the worker gives up after 90 s, the launch after 150 s) in the
+    same state. Returns ({scenario: (rank0, rank1)}, the launch's output)."""
+    out = tmp_path_factory.mktemp("dist_failures")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(FAILURES_WORKER), str(out), *SCENARIOS]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    runs = {name: tuple(json.loads((out / name / f"rank{r}.json").read_text()) for r in range(2)) for name in SCENARIOS}
+    return runs, proc.stdout + proc.stderr
+
+
+def test_a_sampler_on_the_main_process_only_turns_the_monitor_off_on_every_process(failures):
+    """IRSMonitor() infers its sampler in save_state's hook; a script saving on the main process
+    only leaves process 1 without one: both turn off at the first evaluation (it used to hang)."""
+    (r0, r1), log = failures[0]["no_sampler"], failures[1]
+    assert r0["ranks"] == r1["ranks"] == [0, 1]
+    assert r0["history"] == r1["history"] == [] and r0["errors"] == r1["errors"] == []
+    assert r0["due_next"] is r1["due_next"] is False  # off on both
+    assert log.count("IRSMonitor is off for this run") == 1 + 1  # this scenario (main only) + unconnected
+    assert "no sampler on process(es) [1]" in log and "IRSMonitor(PipelineSampler(...))" in log
+
+
+def test_a_main_process_output_failure_is_the_same_error_on_every_process(failures):
+    """The tracker factory fails on the main process only: every evaluation is the same failure on
+    both processes, the monitor stays on on both (it used to turn off on one only: mismatch)."""
+    r0, r1 = failures[0]["broken_outputs"]
+    assert r0["ranks"] == r1["ranks"] == [0, 1]
+    assert r0["errors"] == r1["errors"] == [2, 4, 6] and r0["history"] == r1["history"] == []
+    assert r0["due_next"] is r1["due_next"] is True
+    assert "evaluation set-up failed on process(es) [0]: log folder not writable" in failures[1]
+
+
+def test_a_main_process_history_write_failure_keeps_the_evaluation_on_every_process(failures):
+    """A full disk on the main process: the evaluation still counts on both processes (history,
+    patience 2 stops both at step 4), one ERROR (it used to hang in the stopping decision)."""
+    (r0, r1), log = failures[0]["full_disk"], failures[1]
+    assert r0["ranks"] == r1["ranks"] == [0, 1]
+    assert [h["step"] for h in r0["history"]] == [2, 4] and r0["history"] == r1["history"]
+    assert [h["verdict"] for h in r0["history"]] == ["reject", "reject"]  # one digit class of ten
+    assert r0["stopped_at"] == r1["stopped_at"] == 4 and r0["errors"] == r1["errors"] == []
+    assert not r0["history_file_exists"]
+    assert log.count("could not write the evaluation") == 1 and "No space left on device" in log
+
+
+def test_a_monitor_not_connected_to_a_distributed_run_stays_off(failures):
+    """torch.distributed runs 2 processes but attach() was never called: one ERROR (rank 0), no
+    evaluation, no file, instead of two processes each evaluating and writing as the main one."""
+    (r0, r1), log = failures[0]["unconnected"], failures[1]
+    assert r0["history"] == r1["history"] == [] and r0["due_next"] is r1["due_next"] is False
+    assert r0["history_file"] is not None and r1["history_file"] is None and not r0["history_file_exists"]
+    assert log.count("was not connected to them: call monitor.attach(accelerator)") == 1

@@ -17,6 +17,7 @@ from irs_callbacks.reference_setup import prepare_reference
 from irs_callbacks.samplers import CallableSampler, PipelineSampler, as_sampler, preserved_training_state
 from irs_callbacks.stats import SequentialRejectionTest, irs_infinity
 from irs_callbacks.stopping import EarlyStopping
+from irs_callbacks.tracking import TensorBoardLogger
 
 from monitor_helpers import (NaNSampler, PoolSampler, classes, digits, make_monitor, pixels, split, tiny_pipeline,
                              tiny_unet)
@@ -86,7 +87,13 @@ def test_engine_runs_without_monitor_files_or_accelerate(tmp_path, bank):
     engine = EvaluationEngine(prepared, settings=EvaluationSettings(num_samples=300, batch_size=50))
     sampler = PoolSampler(HELD, replace=True)
     alone = engine.run(sampler)
-    assert torch.equal(alone.hits, m.evaluate(sampler).hits) and alone.verdict in ("pass", "reject")
+    assert torch.equal(alone.hits, m.evaluate(sampler).hits)
+    # N_learned is the brute-force count of the distinct nearest training images of those very
+    # samples; a sampler that can only draw the 597 held-out digits (about half the diversity of the
+    # 1200 training digits) is rejected against target 0.8
+    n = alone.samples_used
+    assert alone.n_learned == brute_force_learned(sampler.sample(list(range(n)), 0))
+    assert alone.verdict == "reject" and n < 300
     assert not (tmp_path / "m").exists()  # neither the engine nor an unrecorded evaluation wrote files
 
 
@@ -304,7 +311,37 @@ def test_evaluate_without_step_is_not_recorded(tmp_path, bank):
     m = make_monitor(tmp_path, bank=bank, num_samples=100)
     r = m.evaluate(PoolSampler(HELD, replace=False))
     assert r.step is None and m.history == [] and not m.history_file.exists()
-    assert r.verdict in ("pass", "reject") and r.irs_alpha == r.n_learned / bank.n_train
+    # the first 100 held-out digits themselves (no replacement): real data, a pass
+    assert r.samples_used == 100 and r.n_learned == brute_force_learned(digits()[0][HELD[:100]])
+    assert r.verdict == "pass" and r.irs_alpha == r.n_learned / len(TRAIN)
+
+
+def brute_force_learned(images) -> int:
+    """Distinct nearest training digits (euclidean on the pixels, ties to the lowest index) of
+    ``images``: N_learned computed without the library."""
+    train = digits()[0][TRAIN].flatten(1).double()
+    distances = torch.cdist(images.flatten(1).double(), train)
+    return len(set(distances.argmin(dim=1).tolist()))
+
+
+def test_a_failing_output_never_drops_an_evaluation(tmp_path, bank, caplog):
+    """A tracker whose log raises (one ERROR, however often): every evaluation is still in the
+    history (memory and file) and counts for patience; strict=True raises."""
+    def broken(values, step):
+        raise ConnectionError("tracker unreachable")
+
+    m = make_monitor(tmp_path, bank=bank, every_n_steps=10, patience=2, num_samples=100)
+    m.connect(tensorboard=TensorBoardLogger(None, scalar_sinks=[broken], images=False, figure=False))
+    collapsed = PoolSampler(classes([3], HELD), replace=True)
+    with caplog.at_level(logging.ERROR, logger="irs_callbacks.monitor"):
+        assert [m.step(step, sampler=collapsed) for step in (10, 20)] == [False, True]
+    assert [r.step for r in m.history] == [10, 20] and m.errors == []
+    assert [r.step for r in read_history(m.history_file)] == [10, 20]
+    assert [r.message.count("tracker unreachable") for r in caplog.records if r.levelno >= logging.ERROR] == [1]
+    strict = make_monitor(tmp_path / "s", bank=bank, every_n_steps=10, num_samples=100, strict=True)
+    strict.connect(tensorboard=TensorBoardLogger(None, scalar_sinks=[broken], images=False, figure=False))
+    with pytest.raises(ConnectionError):
+        strict.step(10, sampler=collapsed)
 
 
 def test_reference_bank_from_file_and_cache(tmp_path, bank):
