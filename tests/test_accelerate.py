@@ -293,7 +293,7 @@ def test_resuming_from_another_experiments_folder_prunes_only_this_runs_folder(t
     """A sweep run started from a parent experiment's checkpoint: the parent's checkpoints (restored
     with the history) are neither judged nor deleted, and the ledger goes beside this run's own."""
     parent, child = tmp_path / "parent", tmp_path / "child"
-    run(parent, 8)
+    run(parent, 8).close()  # its background writes finish before the folder is listed
     before = sorted(p.name for p in parent.iterdir())
     m = run(child, 20, resume=parent / "checkpoint-8", pruner="rejected")
     m.close()
