@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from irs_callbacks.history import HistoryFile
+from irs_callbacks.tracking import most_retrieved
 
 __all__ = ["HistorySink", "TensorBoardSink", "EvaluationFileSink"]
 
@@ -65,8 +64,8 @@ class TensorBoardSink:
         """The most retrieved training images (read here, on the training thread), or None."""
         if self.training_images is None or not self.logger.images or not self.num_images:
             return None
-        top = torch.argsort(result.hits, descending=True, stable=True)[: min(16, self.num_images)]
-        top = top[result.hits[top] > 1].tolist()
+        top = [int(row) for row in most_retrieved(result.hits.numpy(), min(16, self.num_images))
+               if result.hits[row] > 1]  # over-retrieved: the same image more than once
         if not top:
             return None
         try:

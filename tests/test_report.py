@@ -110,6 +110,7 @@ def test_most_retrieved_and_never_retrieved_sample():
     hits = np.array([0, 3, 1, 0, 3, 0, 2])
     assert most_retrieved(hits).tolist() == [1, 4, 6, 2]  # only retrieved images, most first, ties by row
     assert most_retrieved(np.array([5, 0, 1]), count=1).tolist() == [0]
+    assert most_retrieved(np.zeros(5, dtype=np.int64)).tolist() == []
     rows, total = never_retrieved_sample(hits)
     assert rows.tolist() == [0, 3, 5] and total == 3  # fewer than count: all of them
     hits = np.zeros(1000, dtype=np.int64)
